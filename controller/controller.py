@@ -1,0 +1,287 @@
+"""The controller process: registry, prompt dispatch, batching, versions, sync and export orders.
+
+It is the only writer of run state. Each loop: check heartbeats, dispatch prompts up to the
+in-flight window, send a batch when the policy is idle and one is ready, then handle what came
+back (rollout groups, worker events). It never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from controller.scheduler import PromptQueue, RolloutBuffer, task_of
+from gantry.config import GantryConfig
+from gantry.protocol import (
+    Export,
+    ExportDone,
+    Register,
+    RolloutGroup,
+    StepDone,
+    Stop,
+    SyncWeights,
+    TrainBatch,
+    WeightsSynced,
+    WorkerFailed,
+)
+from gantry.redis_server import free_port
+from gantry.runtime import RunInfo, append_jsonl, planned_steps
+from gantry.transport import ControlPlane, Delivery
+
+log = logging.getLogger("gantry.controller")
+GROUP = "controller"
+WORKER_START_TIMEOUT_S = 900.0
+HEARTBEAT_CHECK_S = 5.0
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+class Controller:
+    def __init__(self, config: GantryConfig, info: RunInfo) -> None:
+        self.config, self.info = config, info
+        self.keys = info.keys
+        self.plane = ControlPlane(info.redis_url)
+        self.rollout_replicas = [str(i) for i in range(config.rollout.parallelism.n_init_replicas)]
+        self.groups_per_step = config.train.train_batch_per_replica // config.rollout.n_generation
+        self.total_steps = planned_steps(config, info.dataset_size)
+        max_staleness = config.train.train_policy.allowed_outdated_steps
+        self.queue = PromptQueue(info.dataset_size, config.train.epoch, config.train.seed)
+        self.buffer = RolloutBuffer(self.groups_per_step, max_staleness)
+        self.run_dir = Path(info.run_dir)
+        self.version = 0  # the policy's weights: steps done
+        self.synced_version = 0  # the weights the rollout replicas generate with
+        self.steps_sent = 0
+        self.in_flight: set[str] = set()
+        self.pending_batch: dict | None = None  # the batch the policy is training on
+        self.registered: set[tuple[str, str]] = set()
+        self.rewards: list[float] = []
+        self.finished = False
+        self.final_export = ""
+        self._last_heartbeat_check = 0.0
+        self._last_step_done: float | None = None
+        self._started = time.monotonic()
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def run(self) -> int:
+        for stream in (self.keys.rollouts, self.keys.events):
+            self.plane.ensure_group(stream, GROUP)
+        self._publish_rendezvous()
+        log.info(
+            "run %s: %d steps of %d prompts x %d samples, max staleness %d",
+            self.info.run_id, self.total_steps, self.groups_per_step,
+            self.config.rollout.n_generation, self.buffer.max_staleness,
+        )  # fmt: skip
+        self._wait_for_workers()
+        while not self.finished:
+            self._check_heartbeats()
+            self._dispatch()
+            self._maybe_send_batch()
+            for delivery in self.plane.read_group(
+                [self.keys.rollouts, self.keys.events], GROUP, GROUP, count=256, block_ms=200
+            ):
+                self._handle(delivery)
+        self._write_result()
+        return 0
+
+    def _publish_rendezvous(self) -> None:
+        # Single node: the policy's rank 0 hosts the store on loopback.
+        self.plane.redis.hset(
+            self.keys.rendezvous,
+            mapping={
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "world_size": 1 + len(self.rollout_replicas),
+                "prefix": f"weights/{self.info.run_id}",
+            },
+        )
+
+    def _expected_workers(self) -> set[tuple[str, str]]:
+        return {("policy", "0")} | {("rollout", r) for r in self.rollout_replicas}
+
+    def _wait_for_workers(self) -> None:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while self.registered != self._expected_workers():
+            if time.monotonic() > deadline:
+                missing = sorted(self._expected_workers() - self.registered)
+                raise RunFailed(
+                    f"workers did not register in {WORKER_START_TIMEOUT_S:.0f}s: {missing}"
+                )
+            for delivery in self.plane.read_group([self.keys.events], GROUP, GROUP, 16, 500):
+                self._handle(delivery)
+        log.info("all workers registered: %s", sorted(self.registered))
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat_check < HEARTBEAT_CHECK_S:
+            return
+        self._last_heartbeat_check = now
+        for role, replica in sorted(self.registered):
+            if not self.plane.alive(self.keys.heartbeat(role, replica)):
+                raise RunFailed(f"{role} replica {replica} stopped sending heartbeats")
+
+    # ---- prompts and batches --------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand out only prompts whose results can still be trained within the staleness bound.
+
+        A prompt dispatched now is generated with weights of at least `synced_version` and
+        lands in the batch of step `steps_sent + ceil((queued + 1) / G)`, which trains
+        weights one version behind that step: so at most
+        G * (synced_version + max_staleness + 1 - steps_sent) prompts may be queued (buffered
+        or in flight), and no more than the remaining steps need.
+        """
+        ahead = self.synced_version + self.buffer.max_staleness + 1 - self.steps_sent
+        needed = (self.total_steps - self.steps_sent) * self.groups_per_step
+        queued = len(self.in_flight) + len(self.buffer)
+        budget = min(ahead * self.groups_per_step, needed) - queued
+        tasks = []
+        for _ in range(max(0, budget)):
+            task = self.queue.next()
+            if task is None:
+                break
+            tasks.append(task)
+        if tasks:
+            self.plane.send_many(self.keys.prompts, tasks)
+            self.in_flight.update(t.prompt_id for t in tasks)
+
+    def _maybe_send_batch(self) -> None:
+        if self.pending_batch is not None or self.steps_sent >= self.total_steps:
+            return
+        batch, expired = self.buffer.take_batch(self.version)
+        self._retry([(g, e) for g, e in expired])
+        if not batch:
+            return
+        self.steps_sent += 1
+        groups = [g for g, _ in batch]
+        message = TrainBatch(step=self.steps_sent, groups=groups)
+        self.plane.ack_and_send(
+            self.keys.rollouts, GROUP, [e for _, e in batch],
+            self.keys.commands("policy", "0"), [message],
+        )  # fmt: skip
+        rewards = [s.reward for g in groups for s in g.samples]
+        self.pending_batch = {
+            "sent": time.monotonic(),
+            "reward_mean": statistics.fmean(rewards),
+            "samples": len(rewards),
+            "staleness": [self.version - g.policy_version for g in groups],
+        }
+
+    def _retry(self, items: list[tuple[RolloutGroup, str]]) -> None:
+        if not items:
+            return
+        self.plane.ack(self.keys.rollouts, GROUP, [e for _, e in items])
+        for group, _ in items:
+            self.queue.retry(task_of(group.prompt_id))
+
+    # ---- incoming -------------------------------------------------------------------
+
+    def _handle(self, delivery: Delivery) -> None:
+        message = delivery.message
+        if isinstance(message, RolloutGroup):
+            self.in_flight.discard(message.prompt_id)
+            outcome = self.buffer.add(message, delivery.entry_id, self.version)
+            if outcome == "stale":
+                self._retry([(message, delivery.entry_id)])
+            elif outcome == "duplicate":
+                self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
+            return  # accepted groups are acknowledged when their batch is sent
+        self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
+        if isinstance(message, Register):
+            self.registered.add((message.role, message.replica))
+            log.info(
+                "%s replica %s registered (pid %d)", message.role, message.replica, message.pid
+            )
+        elif isinstance(message, StepDone):
+            self._on_step_done(message)
+        elif isinstance(message, ExportDone):
+            self._on_export_done(message)
+        elif isinstance(message, WeightsSynced):
+            log.debug(
+                "rollout %s at v%d (%.3fs)", message.replica, message.version, message.seconds
+            )
+        elif isinstance(message, WorkerFailed):
+            raise RunFailed(f"{message.role} replica {message.replica} failed: {message.error}")
+
+    def _on_step_done(self, done: StepDone) -> None:
+        batch, self.pending_batch = self.pending_batch, None
+        self.version = done.step
+        self._record(done, batch)
+        ckpt = self.config.train.ckpt
+        if done.step >= self.total_steps:
+            self._order_export(done.step, final=True)
+            return
+        if done.step % self.config.train.sync_weight_interval == 0:
+            sync = SyncWeights(version=done.step)
+            self.synced_version = done.step
+            self.plane.send(self.keys.commands("policy", "0"), sync)
+            for replica in self.rollout_replicas:
+                self.plane.send(self.keys.commands("rollout", replica), sync)
+        if ckpt.enable_checkpoint and ckpt.export_safetensors and done.step % ckpt.save_freq == 0:
+            self._order_export(done.step, final=False)
+
+    def _order_export(self, step: int, final: bool) -> None:
+        path = self.run_dir / "export" / ("final" if final else f"step_{step}")
+        self.plane.send(
+            self.keys.commands("policy", "0"), Export(step=step, path=str(path), final=final)
+        )
+
+    def _on_export_done(self, done: ExportDone) -> None:
+        log.info("exported step %d to %s", done.step, done.path)
+        if not done.final:
+            return
+        self.final_export = done.path
+        for role, replica in sorted(self.registered):
+            self.plane.send(self.keys.commands(role, replica), Stop())
+        self.finished = True
+
+    def _record(self, done: StepDone, batch: dict) -> None:
+        now = time.monotonic()
+        elapsed = now - (self._last_step_done or batch["sent"])
+        self._last_step_done = now
+        staleness = batch["staleness"]
+        record = {
+            "step": done.step,
+            "reward_mean": batch["reward_mean"],
+            "samples_per_s": batch["samples"] / max(elapsed, 1e-9),
+            "staleness_mean": statistics.fmean(staleness),
+            "staleness_max": max(staleness),
+            "dropped_stale": self.buffer.stats.dropped_stale,
+            "elapsed_s": time.monotonic() - self._started,
+            **done.metrics,
+        }
+        self.rewards.append(batch["reward_mean"])
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if done.step % self.config.logging.log_interval == 0 or done.step == self.total_steps:
+            log.info(
+                "step %d/%d | reward %.3f | loss %.4f | kl %.4f | %.1f samples/s | "
+                "staleness %.2f (max %d) | dropped %d",
+                done.step, self.total_steps, record["reward_mean"], record["loss"],
+                record["kl_ref"] if self.config.train.train_policy.kl_beta > 0
+                else record["kl_behaviour"],
+                record["samples_per_s"], record["staleness_mean"], record["staleness_max"],
+                record["dropped_stale"],
+            )  # fmt: skip
+
+    def _write_result(self) -> None:
+        head, tail = self.rewards[:10], self.rewards[-10:]
+        result = {
+            "steps": len(self.rewards),
+            "reward_mean_first_10": statistics.fmean(head) if head else None,
+            "reward_mean_last_10": statistics.fmean(tail) if tail else None,
+            "dropped_stale": self.buffer.stats.dropped_stale,
+            "duplicates": self.buffer.stats.duplicates,
+            "final_export": self.final_export,
+            "seconds": time.monotonic() - self._started,
+        }
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        log.info(
+            "done: %d steps, reward %.3f (first 10) -> %.3f (last 10); export: %s",
+            result["steps"], result["reward_mean_first_10"] or 0.0,
+            result["reward_mean_last_10"] or 0.0, self.final_export,
+        )  # fmt: skip

@@ -1,0 +1,102 @@
+"""The controller's bookkeeping, free of I/O: prompt order, in-flight window, staleness, batches.
+
+`PromptQueue` yields every dataset index once per epoch in a seeded order and takes back
+prompts to retry. `RolloutBuffer` accepts each prompt's result once, drops results older than
+the staleness bound (they go back to the queue), and hands out batches of whole groups.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from gantry.protocol import PromptTask, RolloutGroup
+
+
+def task_of(prompt_id: str) -> PromptTask:
+    """The PromptTask a prompt id ("<epoch>:<index>") was made from, to dispatch it again."""
+    epoch, index = (int(part) for part in prompt_id.split(":"))
+    return PromptTask(prompt_id=prompt_id, epoch=epoch, index=index)
+
+
+class PromptQueue:
+    def __init__(self, dataset_size: int, epochs: int, seed: int) -> None:
+        self.dataset_size, self.epochs, self.seed = dataset_size, epochs, seed
+        self._epoch = 0
+        self._order: deque[int] = deque()
+        self._retry: deque[PromptTask] = deque()
+
+    def next(self) -> PromptTask | None:
+        """The next prompt to dispatch, retries first; None when every epoch is handed out."""
+        if self._retry:
+            return self._retry.popleft()
+        if not self._order:
+            if self._epoch >= self.epochs:
+                return None
+            order = list(range(self.dataset_size))
+            random.Random(self.seed * 1_000_003 + self._epoch).shuffle(order)
+            self._order.extend(order)
+            self._epoch += 1
+        index = self._order.popleft()
+        epoch = self._epoch - 1
+        return PromptTask(prompt_id=f"{epoch}:{index}", epoch=epoch, index=index)
+
+    def retry(self, task: PromptTask) -> None:
+        self._retry.append(task)
+
+
+@dataclass
+class BufferStats:
+    accepted: int = 0
+    dropped_stale: int = 0
+    duplicates: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+
+class RolloutBuffer:
+    """Results waiting for a policy step; each prompt is trained at most once."""
+
+    def __init__(self, groups_per_step: int, max_staleness: int) -> None:
+        self.groups_per_step = groups_per_step
+        self.max_staleness = max_staleness
+        self._groups: deque[tuple[RolloutGroup, str]] = deque()
+        self._seen: set[str] = set()
+        self.stats = BufferStats()
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def add(self, group: RolloutGroup, entry_id: str, version: int) -> str:
+        """'accepted', 'stale' (too old: retry the prompt) or 'duplicate' (already have it)."""
+        if group.prompt_id in self._seen:
+            self.stats.duplicates += 1
+            return "duplicate"
+        if version - group.policy_version > self.max_staleness:
+            self.stats.dropped_stale += 1
+            return "stale"
+        self._seen.add(group.prompt_id)
+        self._groups.append((group, entry_id))
+        self.stats.accepted += 1
+        return "accepted"
+
+    def take_batch(
+        self, version: int
+    ) -> tuple[list[tuple[RolloutGroup, str]], list[tuple[RolloutGroup, str]]]:
+        """(batch, expired): a full batch when one is ready (else empty), and the groups that
+        went past the staleness bound while waiting, which the caller re-queues."""
+        expired = []
+        kept: deque[tuple[RolloutGroup, str]] = deque()
+        for group, entry_id in self._groups:
+            if version - group.policy_version > self.max_staleness:
+                self._seen.discard(group.prompt_id)
+                self.stats.dropped_stale += 1
+                expired.append((group, entry_id))
+            else:
+                kept.append((group, entry_id))
+        self._groups = kept
+        if len(self._groups) < self.groups_per_step:
+            return [], expired
+        batch = [self._groups.popleft() for _ in range(self.groups_per_step)]
+        self.stats.staleness.extend(version - g.policy_version for g, _ in batch)
+        return batch, expired

@@ -1,0 +1,162 @@
+"""The launcher: `launch.sh --config rl.toml dataset.py [key=value ...]` (or `python -m gantry.launcher`).
+
+It validates the config and the dataset script (exit 2 on bad input, before any worker starts),
+creates the run directory `<train.output_dir>/<timestamp>/` with the resolved config, starts the
+embedded redis-server unless `redis.url` is set, then the controller, the policy and the rollout
+processes, with their output prefixed by role and kept in `logs/`. If a process dies, the others
+are stopped and the launcher exits 1 naming it; it exits 0 when training is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
+from gantry.plugin import DatasetScriptError, load_dataset_script
+from gantry.processes import ProcessGroupSupervisor
+from gantry.redis_server import RedisServer, RedisServerError
+from gantry.runtime import RunInfo, planned_steps
+
+BUILTIN_MODELS = {"gantry:tiny-qwen2"}
+EXIT_BAD_INPUT = 2
+
+
+class LaunchError(ValueError):
+    """Bad input found before any worker started."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="launch.sh",
+        description="Run a Gantry post-training job (GRPO) on this machine.",
+        epilog="Example: ./launch.sh --config configs/quickstart-grpo.toml "
+        "datasets/arithmetic.py train.max_num_steps=20",
+    )
+    parser.add_argument("--config", help="TOML config (cosmos-rl section and key names)")
+    parser.add_argument("dataset", help="dataset script: get_dataset(config) and reward_fns")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optm_lr=1e-5")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
+    )
+    return parser.parse_args(argv)
+
+
+def resolve_model(name_or_path: str, output_dir: Path) -> str:
+    """A built-in model name becomes a local directory, built on first use."""
+    if not name_or_path.startswith("gantry:"):
+        return name_or_path
+    if name_or_path not in BUILTIN_MODELS:
+        raise LaunchError(
+            f"policy.model_name_or_path = {name_or_path!r} is no built-in model; "
+            f"built-ins: {sorted(BUILTIN_MODELS)}, or give a Hugging Face directory or repo id"
+        )
+    from gantry.tiny_model import ensure_tiny_model  # loads transformers: only when needed
+
+    path = output_dir / ".models" / name_or_path.removeprefix("gantry:")
+    return str(ensure_tiny_model(path).resolve())
+
+
+def prepare(args: argparse.Namespace):
+    """Validate everything a run needs; raises ConfigError, DatasetScriptError or LaunchError."""
+    config = load_config(args.config, args.overrides)
+    grpo = config.train.train_policy.type == "grpo"
+    script = load_dataset_script(args.dataset, need_rewards=grpo)
+    dataset_size = len(script.load_samples(config.custom))
+    steps = planned_steps(config, dataset_size)
+    if steps == 0:
+        groups = config.train.train_batch_per_replica // config.rollout.n_generation
+        raise LaunchError(
+            f"the dataset has {dataset_size} prompts and train.epoch = {config.train.epoch}, "
+            f"but one step takes {groups} prompts (train.train_batch_per_replica / "
+            "rollout.n_generation): lower train.train_batch_per_replica or raise train.epoch"
+        )
+    return config, script, dataset_size, steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config, script, dataset_size, steps = prepare(args)
+    except (ConfigError, DatasetScriptError, LaunchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.dry_run:
+        print(config_to_toml(config), end="")
+        print(f"# dataset: {script.path} ({dataset_size} samples); policy steps: {steps}")
+        return 0
+    output_dir = Path(config.train.output_dir).resolve()
+    try:
+        model_path = resolve_model(config.policy.model_name_or_path, output_dir)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = output_dir / stamp
+    while run_dir.exists():  # two runs in the same second
+        stamp += "-" + secrets.token_hex(2)
+        run_dir = output_dir / stamp
+    run_dir.mkdir(parents=True)
+    write_resolved_config(config, run_dir / "config.json")
+    return run(config, run_dir, stamp, str(script.path), dataset_size, model_path)
+
+
+def run(config, run_dir: Path, run_id: str, script: str, dataset_size: int, model_path: str) -> int:
+    redis_server = None
+    url = config.redis.url
+    if not url:
+        redis_server = RedisServer(run_dir / "redis", config.redis.port, config.redis.executable)
+        try:
+            url = redis_server.start()
+        except RedisServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    info = RunInfo(
+        run_id=run_id,
+        run_dir=str(run_dir),
+        redis_url=url,
+        dataset_script=script,
+        dataset_size=dataset_size,
+        model_path=model_path,
+    )
+    info.write()
+    print(f"run directory: {run_dir}", flush=True)
+    supervisor = ProcessGroupSupervisor(run_dir / "logs")
+    try:
+        supervisor.start("controller", ["-m", "controller", "--run-dir", str(run_dir)])
+        supervisor.start("policy0", ["-m", "policy", "--run-dir", str(run_dir), "--replica", "0"])
+        for i in range(config.rollout.parallelism.n_init_replicas):
+            cmd = ["-m", "rollout", "--run-dir", str(run_dir), "--replica", str(i)]
+            supervisor.start(f"rollout{i}", cmd)
+        code = supervisor.wait(main="controller")
+    except KeyboardInterrupt:
+        print("[launcher] interrupted: stopping the run", file=sys.stderr, flush=True)
+        code = 130
+    finally:
+        supervisor.stop_all()
+        if redis_server is not None:
+            redis_server.stop()
+    return code if code else report_success(run_dir)
+
+
+def report_success(run_dir: Path) -> int:
+    result = json.loads((run_dir / "result.json").read_text())
+    print(
+        f"training finished in {result['seconds']:.0f}s: {result['steps']} steps, mean reward "
+        f"{result['reward_mean_first_10']:.3f} (first 10 steps) -> "
+        f"{result['reward_mean_last_10']:.3f} (last 10 steps)\n"
+        f"exported checkpoint: {result['final_export']}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Dataset scripts: the plugin API through which users bring their data and reward functions.
+
+A script is a plain Python file, imported by path in every process that needs it. It exposes
+    get_dataset(config) -> a sequence of samples (dicts)   # config: the [custom] section
+    reward_fns = [fn, ...]   # GRPO; fn(completion: str, sample: dict, **kw) -> float, summed
+A sample has "messages" (chat messages, the prompt) or "prompt" (a string, sent as one user
+message), plus any fields the reward functions read. Every failure names the script's path,
+the function and, for rewards, the sample it failed on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_MODULE_NAME = "gantry_dataset_script"
+
+
+class DatasetScriptError(ValueError):
+    pass
+
+
+@dataclass
+class DatasetScript:
+    path: Path
+    get_dataset: Callable[[dict], Sequence[Any]]
+    reward_fns: list[Callable[..., float]]
+
+    def load_samples(self, custom: dict) -> Sequence[Any]:
+        """Call the script's get_dataset and check what it returns."""
+        try:
+            samples = self.get_dataset(custom)
+        except Exception as exc:  # the user's code: report where it failed, then stop
+            raise DatasetScriptError(
+                f"{self.path}: get_dataset raised {type(exc).__name__}: {exc}\n"
+                + _user_traceback(exc)
+            ) from exc
+        try:
+            size = len(samples)
+        except TypeError as exc:
+            raise DatasetScriptError(
+                f"{self.path}: get_dataset returned {type(samples).__name__}, which has no "
+                "len(); return a list of samples or a torch Dataset"
+            ) from exc
+        if size == 0:
+            raise DatasetScriptError(f"{self.path}: get_dataset returned no samples")
+        prompt_messages(samples[0], self.path, 0)
+        return samples
+
+    def score(self, completion: str, sample: Any, index: int) -> float:
+        """Sum of the reward functions for one completion of `sample` (dataset index `index`)."""
+        total = 0.0
+        for fn in self.reward_fns:
+            name = getattr(fn, "__name__", repr(fn))
+            try:
+                value = fn(completion, sample)
+            except Exception as exc:  # the user's code: name the function and the sample
+                raise DatasetScriptError(
+                    f"{self.path}: reward function {name} raised {type(exc).__name__}: {exc}\n"
+                    f"  on sample {index}: {_short(sample)}\n  completion: {completion!r:.200}\n"
+                    + _user_traceback(exc)
+                ) from exc
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise DatasetScriptError(
+                    f"{self.path}: reward function {name} returned {value!r} on sample {index}; "
+                    "it must return a float"
+                )
+            total += float(value)
+        return total
+
+
+def load_dataset_script(path: str | Path, *, need_rewards: bool = True) -> DatasetScript:
+    """Import the script at `path` and check it has what a run needs."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise DatasetScriptError(f"dataset script {path} does not exist")
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_MODULE_NAME] = module  # dataclasses and pickling look the module up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: report it with the script's path
+        raise DatasetScriptError(
+            f"{path}: importing the dataset script raised {type(exc).__name__}: {exc}\n"
+            + _user_traceback(exc)
+        ) from exc
+    get_dataset = getattr(module, "get_dataset", None)
+    if not callable(get_dataset):
+        raise DatasetScriptError(
+            f"{path}: defines no function get_dataset(config); add one that returns a list of "
+            "samples (dicts with 'messages' or 'prompt')"
+        )
+    reward_fns = list(getattr(module, "reward_fns", []) or [])
+    if need_rewards and not reward_fns:
+        raise DatasetScriptError(
+            f"{path}: GRPO needs reward functions: define reward_fns = [fn, ...] with "
+            "fn(completion: str, sample: dict, **kw) -> float"
+        )
+    for fn in reward_fns:
+        if not callable(fn):
+            raise DatasetScriptError(f"{path}: reward_fns holds {fn!r}, which is not callable")
+    return DatasetScript(path=path, get_dataset=get_dataset, reward_fns=reward_fns)
+
+
+def prompt_messages(sample: Any, path: Path | str = "", index: int = 0) -> list[dict]:
+    """The chat messages of a sample's prompt."""
+    if isinstance(sample, dict):
+        if isinstance(sample.get("messages"), list) and sample["messages"]:
+            return sample["messages"]
+        if isinstance(sample.get("prompt"), str):
+            return [{"role": "user", "content": sample["prompt"]}]
+    raise DatasetScriptError(
+        f"{path}: sample {index} is {_short(sample)}; a sample must be a dict with 'messages' "
+        "(a list of {'role', 'content'} dicts) or 'prompt' (a string)"
+    )
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback frames from the user's script, not Gantry's."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    lines = traceback.format_list([f for f in frames if "gantry/plugin.py" not in f.filename])
+    return "".join(lines).rstrip()

@@ -1,0 +1,128 @@
+"""Child processes of a run: started with their output prefixed by role, watched, stopped.
+
+Each child runs in its own process group so that stopping it also stops what it started
+(engine workers), and nothing else: processes are found by the pids we started, never by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STOP_GRACE_S = 10.0
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
+    reader: threading.Thread | None = None
+
+
+class ProcessGroupSupervisor:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: dict[str, Child] = {}
+        self._print_lock = threading.Lock()
+
+    def start(self, name: str, args: list[str]) -> Child:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tqdm bars garble prefixed logs
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,
+        )
+        child = Child(name, process)
+        child.reader = threading.Thread(target=self._pump, args=(child,), daemon=True)
+        child.reader.start()
+        self.children[name] = child
+        return child
+
+    def _pump(self, child: Child) -> None:
+        width = max(len(n) for n in [*self.children, child.name])
+        with (self.log_dir / f"{child.name}.log").open("w") as log:
+            for line in child.process.stdout:
+                log.write(line)
+                log.flush()
+                child.tail.append(line)
+                with self._print_lock:
+                    sys.stdout.write(f"[{child.name:<{width}}] {line}")
+                    sys.stdout.flush()
+
+    def wait(self, main: str) -> int:
+        """Block until `main` exits 0 and the others follow (0), or any child fails (1)."""
+        while True:
+            for child in self.children.values():
+                code = child.process.poll()
+                if code is not None and code != 0:
+                    return self._failed(child, code)
+            if self.children[main].process.poll() == 0:
+                return self._drain(main)
+            time.sleep(0.2)
+
+    def _drain(self, main: str) -> int:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        for child in self.children.values():
+            try:
+                code = child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._say(
+                    f"{child.name} did not exit {DRAIN_TIMEOUT_S:.0f}s after {main}; stopping it"
+                )
+                continue
+            if code != 0:
+                return self._failed(child, code)
+        return 0
+
+    def _failed(self, child: Child, code: int) -> int:
+        if child.reader is not None:
+            child.reader.join(timeout=2)
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        tail = "".join(child.tail).rstrip()
+        self._say(
+            f"{child.name} (pid {child.process.pid}) died with {how}; stopping the other "
+            f"processes. Its last output (full log: {self.log_dir / (child.name + '.log')}):\n{tail}"
+        )
+        return 1
+
+    def _say(self, text: str) -> None:
+        with self._print_lock:
+            print(f"[launcher] {text}", file=sys.stderr, flush=True)
+
+    def stop_all(self) -> None:
+        """SIGTERM every live child's process group, then SIGKILL what is left after a grace."""
+        live = [c for c in self.children.values() if c.process.poll() is None]
+        for child in live:
+            _signal_group(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in live:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+        for child in self.children.values():
+            if child.reader is not None:
+                child.reader.join(timeout=2)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)

@@ -1,0 +1,129 @@
+"""What every process of a run shares: the run directory's files, logging, heartbeats, and the
+process boundary where a worker's error is reported to the controller before the exit.
+
+Layout of a run directory (created by the launcher):
+    config.json     the resolved config          run.json     RunInfo (redis url, dataset, ...)
+    logs/<role>.log each process's output         metrics.jsonl one line per policy step
+    export/         HF exports (step_N/, final/)  result.json  the run's outcome (controller)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from gantry.config import GantryConfig, read_resolved_config
+from gantry.protocol import Keys, WorkerFailed
+from gantry.transport import ControlPlane
+
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 30.0
+
+
+class RunInfo(BaseModel):
+    """Facts the launcher resolved once, for every process of the run."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_id: str
+    run_dir: str
+    redis_url: str
+    dataset_script: str
+    dataset_size: int
+    model_path: str  # resolved: a built-in "gantry:" model becomes its local directory
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunInfo:
+        return cls.model_validate_json((Path(run_dir) / "run.json").read_text())
+
+    def write(self) -> None:
+        (Path(self.run_dir) / "run.json").write_text(self.model_dump_json(indent=2) + "\n")
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.run_id)
+
+
+def setup_logging(role: str) -> logging.Logger:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+    return logging.getLogger(f"gantry.{role}")
+
+
+def parse_worker_args(role: str, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m {role}", description=description)
+    parser.add_argument("--run-dir", required=True, help="run directory made by the launcher")
+    if role != "controller":
+        parser.add_argument("--replica", default="0", help="replica id of this worker")
+    return parser.parse_args()
+
+
+def load_run(run_dir: str) -> tuple[GantryConfig, RunInfo]:
+    return read_resolved_config(Path(run_dir) / "config.json"), RunInfo.read(run_dir)
+
+
+class Heartbeat:
+    """Refreshes this worker's heartbeat key from a daemon thread, also while it computes."""
+
+    def __init__(self, plane: ControlPlane, key: str) -> None:
+        self._plane, self._key = plane, key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._plane.beat(self._key, HEARTBEAT_TTL_S)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            self._plane.beat(self._key, HEARTBEAT_TTL_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_worker(role: str, replica: str, info: RunInfo, body: Callable[[], None]) -> None:
+    """Run a worker's body; on an error, tell the controller why, then exit non-zero."""
+    try:
+        body()
+    except Exception as exc:  # the process boundary: report, then exit non-zero
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        plane = ControlPlane(info.redis_url)
+        plane.send(info.keys.events, WorkerFailed(role=role, replica=replica, error=error))
+        plane.close()
+        sys.stdout.flush()
+        os._exit(1)  # engine threads (vLLM) must not keep a failed worker alive
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def planned_steps(config: GantryConfig, dataset_size: int) -> int:
+    """Policy steps of the run: the full batches in `epoch` passes, capped by max_num_steps."""
+    groups_per_step = config.train.train_batch_per_replica // config.rollout.n_generation
+    steps = config.train.epoch * dataset_size // groups_per_step
+    if config.train.max_num_steps is not None:
+        steps = min(steps, config.train.max_num_steps)
+    return steps

@@ -1,0 +1,137 @@
+"""The control plane: messages over Redis streams, heartbeats as keys with a TTL.
+
+Work (prompts to rollout replicas, rollouts to the controller) goes through streams read by
+consumer groups: an entry stays pending until its consumer acknowledges it, so the work of a
+consumer that dies is claimed by another (`claim_stale`) instead of being lost. A consumer
+publishes its result and acknowledges its input in one MULTI/EXEC transaction, so a crash
+never leaves a result without its acknowledgement or the reverse.
+Commands to one worker go through that worker's own stream, read in order with XREAD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from gantry.protocol import decode, encode
+
+# redis-py defaults to a 5 s socket timeout, which breaks blocking reads: the blocking
+# client has none, and every blocking call passes its own bounded BLOCK time instead.
+_CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class Delivery:
+    stream: str
+    entry_id: str
+    message: Any
+
+
+class ControlPlane:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        # RESP2 pinned: the reply shapes parsed below differ under RESP3.
+        self.redis = redis.Redis.from_url(
+            url, protocol=2, socket_timeout=30, socket_connect_timeout=_CONNECT_TIMEOUT_S
+        )
+        self._blocking = redis.Redis.from_url(
+            url, protocol=2, socket_timeout=None, socket_connect_timeout=_CONNECT_TIMEOUT_S
+        )
+        self._cursors: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.redis.close()
+        self._blocking.close()
+
+    # ---- streams --------------------------------------------------------------------
+
+    def send(self, stream: str, message: Any) -> str:
+        return self.redis.xadd(stream, {"m": encode(message)}).decode()
+
+    def send_many(self, stream: str, messages: list[Any]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for message in messages:
+            pipe.xadd(stream, {"m": encode(message)})
+        pipe.execute()
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        """Create the consumer group (and the stream) if missing, reading from the start."""
+        try:
+            self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read_group(
+        self, streams: list[str], group: str, consumer: str, count: int, block_ms: int
+    ) -> list[Delivery]:
+        """New entries for this consumer; they stay pending until acknowledged."""
+        reply = self._blocking.xreadgroup(
+            group, consumer, {s: ">" for s in streams}, count=count, block=block_ms
+        )
+        return _deliveries(reply)
+
+    def read_own_pending(
+        self, stream: str, group: str, consumer: str, count: int
+    ) -> list[Delivery]:
+        """Entries delivered to this consumer name before and never acknowledged (restart)."""
+        reply = self.redis.xreadgroup(group, consumer, {stream: "0"}, count=count)
+        return _deliveries(reply)
+
+    def claim_stale(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Take over entries another consumer has held unacknowledged for `min_idle_ms`."""
+        _next, entries, *_ = self.redis.xautoclaim(
+            stream, group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+        )
+        return [
+            Delivery(stream, entry_id.decode(), decode(fields[b"m"]))
+            for entry_id, fields in entries
+            if fields  # an entry deleted from the stream comes back without fields
+        ]
+
+    def ack(self, stream: str, group: str, entry_ids: list[str]) -> None:
+        if entry_ids:
+            self.redis.xack(stream, group, *entry_ids)
+
+    def ack_and_send(
+        self, stream: str, group: str, entry_ids: list[str], out_stream: str, messages: list[Any]
+    ) -> None:
+        """Publish results and acknowledge the inputs they came from, atomically."""
+        pipe = self.redis.pipeline(transaction=True)
+        for message in messages:
+            pipe.xadd(out_stream, {"m": encode(message)})
+        if entry_ids:
+            pipe.xack(stream, group, *entry_ids)
+        pipe.execute()
+
+    def read_next(self, stream: str, block_ms: int | None, count: int = 16) -> list[Any]:
+        """The next messages of a single-reader stream (a worker's commands), in order."""
+        cursor = self._cursors.get(stream, "0")
+        client = self._blocking if block_ms is not None else self.redis
+        reply = client.xread({stream: cursor}, count=count, block=block_ms)
+        deliveries = _deliveries(reply)
+        if deliveries:
+            self._cursors[stream] = deliveries[-1].entry_id
+        return [d.message for d in deliveries]
+
+    # ---- keys -----------------------------------------------------------------------
+
+    def beat(self, key: str, ttl_s: float) -> None:
+        self.redis.set(key, b"1", px=int(ttl_s * 1000))
+
+    def alive(self, key: str) -> bool:
+        return bool(self.redis.exists(key))
+
+
+def _deliveries(reply: Any) -> list[Delivery]:
+    out: list[Delivery] = []
+    for stream, entries in reply or []:  # RESP2 shape: [[stream, [(id, fields), ...]], ...]
+        name = stream.decode()
+        for entry_id, fields in entries:
+            if fields:
+                out.append(Delivery(name, entry_id.decode(), decode(fields[b"m"])))
+    return out

@@ -1,0 +1,16 @@
+"""Entry point of a policy process: `python -m policy --run-dir RUN [--replica 0]`."""
+
+from gantry.runtime import load_run, parse_worker_args, run_worker, setup_logging
+
+
+def main() -> None:
+    args = parse_worker_args("policy", "Gantry policy (trainer) process")
+    setup_logging("policy")
+    config, info = load_run(args.run_dir)
+    from policy.worker import PolicyWorker  # torch and transformers load after argument parsing
+
+    run_worker("policy", args.replica, info, lambda: PolicyWorker(config, info, args.replica).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""The vLLM rollout engine: generation, in-place weight updates and weight read-back.
+
+This module owns `VLLMEngine` (a `rollout.engine.RolloutEngine` on `vllm.LLM`) and
+`WeightSyncExtension`, the worker extension vLLM mixes into each of its workers so the engine
+can reach the model wherever the workers run: in this process (CPU build, in-process engine),
+or in vLLM's own engine-core and tensor-parallel worker processes (CUDA build).
+
+Conventions (shared with `rollout.hf_engine.HFEngine`):
+
+- `Completion.token_ids` end with the EOS / stop token that ended them ("stop"), or stop at
+  `max_tokens` ("length").
+- Log-probs come from vLLM's `logprobs_mode="processed_logprobs"`: the log-softmax of the
+  logits after penalties, temperature and top-k / top-p, i.e. of the distribution each token
+  was drawn from. With top_p 1, top_k off and no repetition penalty that is exactly
+  `log_softmax(logits / temperature)`, what the policy recomputes (vLLM's default,
+  "raw_logprobs", would ignore the temperature).
+- With `sampling.seed` set, prompt i gets the request seed `seed + i * n`; vLLM gives its j-th
+  sample `seed + i * n + j`, so every sample of a batch has its own seed.
+
+Weight updates go through the worker extension in three RPCs (begin, chunks, finish) around
+vLLM's layerwise reload: `model.load_weights` alone fails on the CPU build, whose linear
+layers repack their weights into kernel-specific buffers and empty the originals. Tensors are
+passed as they are in-process; across processes (RPC arguments are msgpack-encoded, so a bare
+tensor arrives as a list) CPU tensors travel as `torch.save` bytes and CUDA tensors as CUDA
+IPC handles.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from rollout.engine import Completion, SamplingSettings
+
+# Default KV-cache size on the CPU build: there `gpu_memory_utilization` means "fraction of
+# host memory", and vLLM refuses to start when that much is not free at start-up.
+CPU_KV_CACHE_BYTES = 1 << 30
+# Bytes of weights per RPC when tensors must be serialised to reach the workers.
+CHUNK_BYTES = 256 << 20
+# Rows of the identity matrix pushed through a packed CPU linear kernel at once (read-back).
+PROBE_ROWS = 1024
+EXTENSION = "rollout.vllm_engine.WeightSyncExtension"
+
+# A gather spec says how one rank's shard of a weight joins the others': the tensor-parallel
+# dim to concatenate along (None: replicated), every how-many-th rank holds a distinct shard
+# (KV heads replicated when tp_size > num_kv_heads), and how many rows to keep (vocab padding).
+GatherSpec = tuple[int | None, int, int | None]
+
+
+class VLLMEngine:
+    """A `RolloutEngine` on vLLM; CPU build in-process, CUDA build with vLLM's executors."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tp_size: int = 1,
+        gpu_memory_utilization: float = 0.8,
+        max_model_len: int,
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        dtype: str = "auto",
+        kv_cache_memory_bytes: int | None = None,
+    ) -> None:
+        on_cuda = torch.cuda.is_available()
+        if not on_cuda:
+            if tp_size != 1:
+                raise ValueError("tp_size > 1 needs the CUDA build of vLLM")
+            # In-process engine core: ~2 s start-up instead of ~18 s, and tensors reach the
+            # worker as they are. vLLM reads this variable lazily, at engine start.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if kv_cache_memory_bytes is None:
+                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+            # vLLM's "auto" turns a float32 checkpoint into bfloat16, which CPUs without
+            # AVX512-BF16/AMX run slower than float32, and which costs ~5e-3 in log-probs
+            # against a float32 policy.
+            if dtype == "auto":
+                dtype = "float32"
+        from vllm import LLM
+
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process;
+        # close() puts it back.
+        self._set_num_threads = torch.set_num_threads
+        kwargs: dict[str, Any] = {}
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        self._llm = LLM(
+            model=str(model_path),
+            tensor_parallel_size=tp_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            # CUDA graphs pay off on GPU; on CPU there is nothing to capture.
+            enforce_eager=(not on_cuda) if enforce_eager is None else enforce_eager,
+            dtype=dtype,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=EXTENSION,
+            **kwargs,
+        )
+        self.tp_size = tp_size
+        self.in_process = _engine_in_process(tp_size)
+
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingSettings
+    ) -> list[list[Completion]]:
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        params = [_sampling_params(sampling, i) for i in range(len(prompts))]
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        return [
+            [_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
+        ]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (HF name, tensor) pairs in place, in every worker.
+
+        Give each fused module (q/k/v, gate/up) all of its parts in one call: the layerwise
+        reload processes a layer once all of its parameters arrived, and a layer left
+        incomplete at the end is processed with the missing parts uninitialised. For the same
+        reason, if `weights` fails part-way the engine needs a complete load before it is
+        used again.
+        """
+        rpc = self._llm.collective_rpc
+        rpc("gantry_begin_load")
+        try:
+            for payload in self._payloads(weights):
+                rpc("gantry_load_chunk", args=(payload,))
+        finally:
+            rpc("gantry_finish_load")
+        # Cached KV blocks were computed with the old weights.
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+
+    def _payloads(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple]:
+        if self.in_process:
+            # Same process: the worker consumes the iterator lazily, one bucket at a time.
+            yield ("inline", weights)
+            return
+        for chunk in _chunks(weights, CHUNK_BYTES):
+            yield encode_chunk(chunk)
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the engine computes with, under HF names, gathered over TP ranks.
+
+        Fused modules are split back (qkv_proj -> q/k/v_proj, gate_up_proj -> gate/up_proj,
+        from the model's `packed_modules_mapping`); vocab padding is cut off. Other names are
+        vLLM's, equal to HF's for Llama/Qwen2-style models; architectures that rename
+        checkpoint keys (`hf_to_vllm_mapper`) keep vLLM's names.
+        """
+        results = self._llm.collective_rpc("gantry_read_weights", args=(not self.in_process,))
+        return gather_ranks([decode_read(result) for result in results])
+
+    def close(self) -> None:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        if self._llm is None:
+            return
+        llm, self._llm = self._llm, None
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        # Frees the process group an in-process engine made, so another engine can start.
+        cleanup_dist_env_and_memory()
+        torch.set_num_threads = self._set_num_threads
+
+
+def _engine_in_process(tp_size: int) -> bool:
+    """Whether the (only) worker runs in this process, so RPC arguments are not serialised."""
+    import vllm.envs as envs
+
+    return tp_size == 1 and not envs.VLLM_ENABLE_V1_MULTIPROCESSING
+
+
+def _sampling_params(sampling: SamplingSettings, index: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1,
+        repetition_penalty=sampling.repetition_penalty,
+        max_tokens=sampling.max_tokens,
+        seed=None if sampling.seed is None else sampling.seed + index * sampling.n,
+        stop_token_ids=list(sampling.stop_token_ids),
+        logprobs=0,  # only the sampled token's
+        detokenize=False,  # the rollout worker decodes what it needs
+    )
+
+
+def _completion(output) -> Completion:
+    if output.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM request ended with finish_reason={output.finish_reason!r}")
+    token_ids = list(output.token_ids)
+    logprobs = [step[token].logprob for token, step in zip(token_ids, output.logprobs, strict=True)]
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=output.finish_reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving weights between processes
+
+
+def _chunks(
+    weights: Iterable[tuple[str, torch.Tensor]], limit: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    chunk, size = [], 0
+    for name, tensor in weights:
+        chunk.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= limit:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode_chunk(chunk: list[tuple[str, torch.Tensor]]) -> tuple[str, bytes]:
+    """A chunk of weights as bytes that survive vLLM's msgpack RPC to another process."""
+    if chunk and all(t.is_cuda for _, t in chunk):
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        # The handles point at our memory: it must hold the finished values before the
+        # worker reads it, and stays alive until the (synchronous) RPC has returned.
+        torch.cuda.current_stream().synchronize()
+        handles = [(name, reduce_tensor(t.detach())) for name, t in chunk]
+        return ("cuda_ipc", pickle.dumps(handles))
+    buffer = io.BytesIO()
+    torch.save([(name, t.detach().cpu()) for name, t in chunk], buffer)
+    return ("torch", buffer.getvalue())
+
+
+def decode_chunk(payload: tuple, device: torch.device) -> Iterable[tuple[str, torch.Tensor]]:
+    kind, data = payload
+    if kind == "inline":
+        return data
+    if kind == "torch":
+        return torch.load(io.BytesIO(data), weights_only=True)
+    if kind == "cuda_ipc":
+        # Copy out of the sender's memory: the layerwise reload may hold a tensor past this
+        # RPC (until the rest of its layer arrives), when the sender may have freed it.
+        out = []
+        for name, (rebuild, args) in pickle.loads(data):
+            out.append((name, rebuild(*args).to(device, copy=True)))
+        return out
+    raise ValueError(f"unknown weight payload kind {kind!r}")
+
+
+def decode_read(result: tuple) -> dict[str, tuple[torch.Tensor, GatherSpec]]:
+    """One worker's answer to `gantry_read_weights`: tensors inline or as `torch.save` bytes."""
+    specs, tensors = result
+    if isinstance(tensors, bytes):
+        tensors = torch.load(io.BytesIO(tensors), weights_only=True)
+    return {name: (tensors[name], tuple(spec)) for name, spec in specs.items()}
+
+
+def gather_ranks(
+    per_rank: list[dict[str, tuple[torch.Tensor, GatherSpec]]],
+) -> dict[str, torch.Tensor]:
+    """Join the tensor-parallel shards of each weight (ranks in order) into the full tensor."""
+    out = {}
+    for name, (tensor, (dim, stride, keep)) in per_rank[0].items():
+        if dim is not None and len(per_rank) > 1:
+            tensor = torch.cat([rank[name][0] for rank in per_rank[::stride]], dim=dim)
+        if keep is not None:
+            tensor = tensor[:keep]
+        out[name] = tensor.contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the workers
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs in every worker.
+
+    Methods are prefixed `gantry_` so they cannot collide with the worker's own.
+    """
+
+    def gantry_begin_load(self) -> None:
+        from vllm.config import set_current_vllm_config
+
+        layerwise = _layerwise_reload()
+        if layerwise is not None:
+            with set_current_vllm_config(self.vllm_config):
+                # Puts every layer back into checkpoint format (on the meta device) and wraps
+                # its weight loaders to process and copy into the kernel tensors when complete.
+                layerwise[0](self.model_runner.get_model())
+
+    def gantry_load_chunk(self, payload: tuple) -> None:
+        from vllm.config import set_current_vllm_config
+
+        weights = decode_chunk(payload, self.device)
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            self.model_runner.get_model().load_weights(weights)
+
+    def gantry_finish_load(self) -> None:
+        from vllm.config import set_current_vllm_config
+
+        model = self.model_runner.get_model()
+        layerwise = _layerwise_reload()
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            if layerwise is not None:
+                layerwise[1](model, self.vllm_config.model_config)
+            _repack_tied_embeddings(model)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(self.model_runner, reset):
+                getattr(self.model_runner, reset)()
+
+    def gantry_read_weights(self, serialize: bool) -> tuple[dict, Any]:
+        model = self.model_runner.get_model()
+        with torch.no_grad():
+            entries = list(_hf_named_weights(model))
+        specs = {name: list(spec) for name, _, spec in entries}
+        tensors = {name: tensor.detach().to("cpu").clone() for name, tensor, _ in entries}
+        if not serialize:
+            return specs, tensors
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        return specs, buffer.getvalue()
+
+
+def _layerwise_reload():
+    """vLLM's layerwise reload pair (vLLM >= 0.11), or None for a plain `load_weights`."""
+    try:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+    except ImportError:
+        return None
+    return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+def _repack_tied_embeddings(model: torch.nn.Module) -> None:
+    """Re-derive the kernel state of modules that share their weight with another module.
+
+    With tied embeddings `lm_head.weight` is `embed_tokens.weight`: the reload writes the new
+    values through `embed_tokens`, but the CPU build's `lm_head` computes from a packed copy
+    made when it was last processed, which the reload does not redo (only one owner of a
+    tied parameter is processed). Unquantized embeddings are cheap and safe to re-process.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
+
+
+def _hf_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, GatherSpec]]:
+    """This rank's weights as the kernels see them, fused modules split into HF names."""
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module._parameters.items():
+            if param is None:
+                continue
+            tensor = _effective_tensor(module, param_name, param)
+            spec = _gather_spec(module, param_name)
+            short = module_name.rpartition(".")[2]
+            if short in packed and len(packed[short]) > 1:
+                yield from _unfuse(module, module_name, param_name, tensor, spec, packed[short])
+            else:
+                yield _join(module_name, param_name), tensor, spec
+
+
+def _join(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _unfuse(module, module_name, param_name, tensor, spec, parts):
+    """Split a fused column-parallel output (qkv_proj, gate_up_proj) into its HF pieces."""
+    tp = getattr(module, "tp_size", 1)
+    sizes = [size // tp for size in module.output_sizes]
+    if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
+        raise ValueError(f"cannot split {module_name}.{param_name}: {sizes} vs {tensor.shape}")
+    prefix = module_name.rpartition(".")[0]
+    dim, _, keep = spec
+    # In a QKV module k and v (parts 1 and 2) are replicated over ranks when tp > kv heads.
+    kv_replicas = getattr(module, "num_kv_head_replicas", None)
+    pieces = tensor.split(sizes, dim=0)
+    for i, (part, piece) in enumerate(zip(parts, pieces, strict=True)):
+        stride = kv_replicas if kv_replicas and i > 0 else 1
+        yield _join(_join(prefix, part), param_name), piece, (dim, stride, keep)
+
+
+def _gather_spec(module: torch.nn.Module, param_name: str) -> GatherSpec:
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    if isinstance(module, VocabParallelEmbedding):
+        # Rows past the real vocabulary are padding (to a multiple of 64, then split).
+        return 0, 1, module.org_vocab_size
+    if getattr(module, "tp_size", 1) == 1:
+        return None, 1, None
+    if isinstance(module, ColumnParallelLinear):
+        return 0, 1, None
+    if isinstance(module, RowParallelLinear) and param_name == "weight":
+        return 1, 1, None  # the bias of a row-parallel layer is whole on every rank
+    return None, 1, None
+
+
+def _effective_tensor(module: torch.nn.Module, param_name: str, param: torch.Tensor):
+    """The values a module computes with, even where the CPU build repacked them away."""
+    if param_name != "weight" or not _computes_with_cpu_kernel(module):
+        return param
+    in_features = getattr(module, "input_size_per_partition", None)
+    if in_features is None:
+        in_features = param.shape[1]
+    return _probe_linear(module, in_features, param.dtype, param.device)
+
+
+def _computes_with_cpu_kernel(module: torch.nn.Module) -> bool:
+    """True for CPU-build linear layers (and LM heads) that matmul with a packed weight."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
+
+    if not hasattr(module, "cpu_linear"):
+        return False
+    # An input embedding looks rows up in `weight` itself; its cpu_linear is never used.
+    return not isinstance(module, VocabParallelEmbedding) or isinstance(module, ParallelLMHead)
+
+
+def _probe_linear(module, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Read a packed CPU weight back by pushing identity rows through the layer's kernel.
+
+    `cpu_linear(I, W, None)` is `I @ W.T`: each output element is one weight times 1.0 plus
+    zeros, so the read-back is exact. Done in blocks of rows to bound memory.
+    """
+    blocks = []
+    for start in range(0, in_features, PROBE_ROWS):
+        rows = min(PROBE_ROWS, in_features - start)
+        eye = torch.zeros(rows, in_features, dtype=dtype, device=device)
+        eye[:, start : start + rows].fill_diagonal_(1.0)
+        blocks.append(module.cpu_linear(eye, module.weight, None))
+    return torch.cat(blocks, dim=0).t().contiguous()

@@ -1,0 +1,197 @@
+"""The rollout worker loop: take prompts, sample n completions each, score them, publish.
+
+Prompts come from the shared prompt stream (consumer group "rollout"); a batch of results is
+published and its prompts acknowledged in one transaction. Before each batch the worker applies
+pending commands, so a weight sync the controller ordered before dispatching new prompts is in
+place before those prompts are generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+
+from transformers import AutoTokenizer
+
+from gantry import communicator
+from gantry.config import GantryConfig
+from gantry.plugin import load_dataset_script, prompt_messages
+from gantry.protocol import (
+    PromptTask,
+    Register,
+    RolloutGroup,
+    Sample,
+    Stop,
+    SyncWeights,
+    WeightsSynced,
+)
+from gantry.runtime import Heartbeat, RunInfo, host_name
+from gantry.transport import ControlPlane, Delivery
+from rollout.engine import RolloutEngine, SamplingSettings
+
+log = logging.getLogger("gantry.rollout")
+GROUP = "rollout"
+# A prompt held unacknowledged this long by a consumer is taken over by another one.
+CLAIM_IDLE_MS = 120_000
+READ_BLOCK_MS = 200
+
+
+def make_engine(config: GantryConfig, model_path: str) -> RolloutEngine:
+    rollout = config.rollout
+    if rollout.backend == "transformers":
+        from rollout.hf_engine import HFEngine
+
+        return HFEngine(model_path)
+    from rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        model_path,
+        tp_size=rollout.parallelism.tp_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        max_model_len=config.policy.model_max_length,
+        seed=rollout.seed,
+        enforce_eager=rollout.enforce_eager,
+    )
+    # Warns at every in-place reload that rotary buffers have no checkpoint weights; they are
+    # kept as they were, which is right. Set after start-up: vLLM configures its loggers then.
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    return engine
+
+
+class RolloutWorker:
+    def __init__(self, config: GantryConfig, info: RunInfo, replica: str) -> None:
+        self.config, self.info, self.replica = config, info, replica
+        self.keys = info.keys
+        self.plane = ControlPlane(info.redis_url)
+        self.script = load_dataset_script(info.dataset_script)
+        self.samples = self.script.load_samples(config.custom)
+        self.tokenizer = AutoTokenizer.from_pretrained(info.model_path)
+        started = time.perf_counter()
+        self.engine = make_engine(config, info.model_path)
+        log.info("engine %s up in %.1fs", config.rollout.backend, time.perf_counter() - started)
+        self.version = 0
+        self.group = None
+        self.batches = 0
+        self.consumer = f"rollout-{replica}"
+        self.stopping = False
+
+    def run(self) -> None:
+        self.plane.ensure_group(self.keys.prompts, GROUP)
+        heartbeat = Heartbeat(self.plane, self.keys.heartbeat("rollout", self.replica)).start()
+        self.plane.send(
+            self.keys.events,
+            Register(role="rollout", replica=self.replica, pid=os.getpid(), host=host_name()),
+        )
+        # Prompts this replica held when it last died come first.
+        backlog = self.plane.read_own_pending(
+            self.keys.prompts, GROUP, self.consumer, self.config.rollout.batch_size
+        )
+        while self._apply_commands():
+            deliveries = backlog or self._next_prompts()
+            backlog = []
+            # Commands again: a sync ordered before these prompts were dispatched comes first.
+            if deliveries and self._apply_commands():
+                self._roll_out(deliveries)
+            # Prompts read but not rolled out stay pending and are claimed by another replica.
+        heartbeat.stop()
+
+    def _next_prompts(self) -> list[Delivery]:
+        count = self.config.rollout.batch_size
+        stale = self.plane.claim_stale(
+            self.keys.prompts, GROUP, self.consumer, CLAIM_IDLE_MS, count
+        )
+        if stale:
+            return stale
+        return self.plane.read_group(
+            [self.keys.prompts], GROUP, self.consumer, count, READ_BLOCK_MS
+        )
+
+    def _apply_commands(self) -> bool:
+        """Apply pending commands; False once told to stop."""
+        if self.stopping:
+            return False
+        for command in self.plane.read_next(self.keys.commands("rollout", self.replica), None):
+            if isinstance(command, Stop):
+                log.info("stopping: %s", command.reason)
+                self.stopping = True
+                return False
+            if isinstance(command, SyncWeights):
+                self._receive_weights(command.version)
+            else:
+                raise TypeError(f"rollout got an unexpected command: {command!r}")
+        return True
+
+    def _receive_weights(self, version: int) -> None:
+        started = time.perf_counter()
+        if self.group is None:
+            rank = 1 + int(self.replica)
+            self.group = communicator.join_group(self.plane, self.keys, rank)
+        manifest, bucket_bytes = communicator.read_manifest(self.plane, self.keys)
+        buckets = communicator.plan_buckets(manifest, bucket_bytes)
+        device = "cuda" if communicator.backend_for_device() == "nccl" else "cpu"
+        # Received in full before loading: an engine that stops reading the iterator early
+        # must not leave the policy blocked in a broadcast.
+        weights = list(communicator.receive_weights(self.group, buckets, device))
+        self.engine.load_weights(weights)
+        self.version = version
+        seconds = time.perf_counter() - started
+        self.plane.send(
+            self.keys.events, WeightsSynced(replica=self.replica, version=version, seconds=seconds)
+        )
+
+    def _roll_out(self, deliveries: list[Delivery]) -> None:
+        tasks: list[PromptTask] = [d.message for d in deliveries]
+        prompts = [self._prompt_ids(task.index) for task in tasks]
+        completions = self.engine.generate(prompts, self._sampling(tasks))
+        groups = []
+        for task, prompt_ids, outs in zip(tasks, prompts, completions, strict=True):
+            sample = self.samples[task.index]
+            scored = [
+                Sample(
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    reward=self.script.score(self._text(c.token_ids), sample, task.index),
+                    finish_reason=c.finish_reason,
+                )
+                for c in outs
+            ]
+            groups.append(
+                RolloutGroup(
+                    prompt_id=task.prompt_id,
+                    replica=self.replica,
+                    policy_version=self.version,
+                    prompt_token_ids=prompt_ids,
+                    samples=scored,
+                )
+            )
+        ids = [d.entry_id for d in deliveries]
+        self.plane.ack_and_send(self.keys.prompts, GROUP, ids, self.keys.rollouts, groups)
+        self.batches += 1
+
+    def _prompt_ids(self, index: int) -> list[int]:
+        messages = prompt_messages(self.samples[index], self.script.path, index)
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _sampling(self, tasks: list[PromptTask]) -> SamplingSettings:
+        cfg = self.config.rollout
+        sc = cfg.sampling_config
+        # Seeded by run seed and the prompts, so a re-delivered batch samples the same way.
+        key = ",".join(t.prompt_id for t in tasks) + f"/v{self.version}"
+        return SamplingSettings(
+            n=cfg.n_generation,
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            top_k=sc.top_k,
+            repetition_penalty=sc.repetition_penalty,
+            max_tokens=cfg.max_response_length,
+            seed=(cfg.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31),
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )

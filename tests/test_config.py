@@ -1,0 +1,491 @@
+"""Tests of gantry.config: loading, overrides, error messages, cosmos-rl keys, serialisations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from gantry.config import (
+    KNOWN_UNIMPLEMENTED,
+    ConfigError,
+    ConfigWarning,
+    GantryConfig,
+    config_to_dict,
+    config_to_toml,
+    load_config,
+    read_resolved_config,
+    write_resolved_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+FULL_EXAMPLE = """
+[policy]
+model_name_or_path = "Qwen/Qwen2.5-0.5B-Instruct"
+model_max_length = 2048
+
+[policy.parallelism]
+n_init_replicas = 1
+
+[rollout]
+backend = "transformers"
+n_generation = 4
+max_response_length = 64
+batch_size = 2
+gpu_memory_utilization = 0.5
+enforce_eager = false
+seed = 3
+
+[rollout.parallelism]
+n_init_replicas = 1
+tp_size = 1
+
+[rollout.sampling_config]
+temperature = 0.9
+top_p = 0.95
+top_k = 50
+repetition_penalty = 1.1
+
+[train]
+epoch = 2
+output_dir = "/tmp/gantry-out"
+optm_lr = 1e-5
+optm_weight_decay = 0.01
+optm_betas = [0.9, 0.95]
+optm_grad_norm_clip = 0.5
+train_batch_per_replica = 16
+max_num_steps = 10
+seed = 7
+sync_weight_interval = 2
+
+[train.train_policy]
+type = "grpo"
+epsilon_low = 0.2
+epsilon_high = 0.28
+kl_beta = 0.01
+allowed_outdated_steps = 2
+mu_iterations = 2
+loss_type = "token-mean"
+
+[train.ckpt]
+enable_checkpoint = true
+save_freq = 5
+export_safetensors = false
+max_keep = -1
+
+[logging]
+logger = ["console"]
+project_name = "demo"
+experiment_name = "run-1"
+log_interval = 3
+
+[redis]
+url = "redis://127.0.0.1:6379/0"
+port = 0
+executable = ""
+
+[custom]
+dataset = "arithmetic"
+max_operand = 9
+levels = [1, 2, 3]
+
+[custom.prompt]
+template = "Compute: {question}"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+    return str(excinfo.value).splitlines()
+
+
+def test_defaults_validate():
+    config = load_config(None)
+    assert config == GantryConfig()
+    assert config.policy.model_name_or_path == "gantry:tiny-qwen2"
+    assert config.train.train_batch_per_replica % config.rollout.n_generation == 0
+    assert config.logging.logger == ["console"]
+    assert config.redis.url == ""
+
+
+def test_every_field_is_documented():
+    def models(model):
+        yield model
+        for field in model.model_fields.values():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from models(field.annotation)
+
+    for model in models(GantryConfig):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            assert model.model_config["extra"] == "forbid", model.__name__
+
+
+def test_full_example_loads(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete Gantry config warns about nothing
+        config = load_config(write(tmp_path, FULL_EXAMPLE))
+    assert config.policy.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert config.rollout.backend == "transformers"
+    assert config.rollout.sampling_config.top_k == 50
+    assert config.train.optm_betas == (0.9, 0.95)
+    assert config.train.max_num_steps == 10
+    assert config.train.train_policy.epsilon_high == 0.28
+    assert config.train.ckpt.max_keep == -1
+    assert config.logging.experiment_name == "run-1"
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+    assert config.custom == {
+        "dataset": "arithmetic",
+        "max_operand": 9,
+        "levels": [1, 2, 3],
+        "prompt": {"template": "Compute: {question}"},
+    }
+
+
+def test_overrides(tmp_path):
+    config = load_config(
+        write(tmp_path, FULL_EXAMPLE),
+        [
+            "train.optm_lr=3e-6",
+            "rollout.sampling_config.temperature=0.7",
+            "logging.logger=[]",
+            "train.output_dir=./elsewhere",  # not TOML: taken as a plain string
+            "policy.model_name_or_path=Qwen/Qwen2.5-1.5B",
+            "logging.experiment_name=2024",  # a string field keeps the text
+            "train.ckpt.enable_checkpoint=false",
+            "custom.prompt.template=Q: {question}",
+            "custom.max_operand=99",
+            "custom.new.deep.key=[1, 2]",
+            'custom.name="quoted"',
+        ],
+    )
+    assert config.train.optm_lr == 3e-6
+    assert config.rollout.sampling_config.temperature == 0.7
+    assert config.logging.logger == []
+    assert config.train.output_dir == "./elsewhere"
+    assert config.policy.model_name_or_path == "Qwen/Qwen2.5-1.5B"
+    assert config.logging.experiment_name == "2024"
+    assert config.train.ckpt.enable_checkpoint is False
+    assert config.custom["prompt"] == {"template": "Q: {question}"}
+    assert config.custom["max_operand"] == 99
+    assert config.custom["new"] == {"deep": {"key": [1, 2]}}
+    assert config.custom["name"] == "quoted"
+    assert config.custom["levels"] == [1, 2, 3]  # untouched keys stay
+
+
+def test_overrides_without_file():
+    config = load_config(None, ["train.max_num_steps=5", "rollout.n_generation=4"])
+    assert config.train.max_num_steps == 5
+    assert config.rollout.n_generation == 4
+    assert config.policy == GantryConfig().policy
+
+
+@pytest.mark.parametrize("override", ["train.optm_lr", "=3", "train..optm_lr=1", "train.=1"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, [override])
+    (problem,) = problems_of(excinfo)
+    assert repr(override) in problem
+    assert "section.key=value" in problem
+
+
+def test_override_into_a_value():
+    with pytest.raises(ConfigError, match=r"train\.epoch is a value, not a section"):
+        load_config(None, ["train.epoch=2", "train.epoch.x=1"])
+
+
+def test_unknown_key_names_key_section_and_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, "[train]\noptm_lrr = 1e-5\n"))
+    (problem,) = problems_of(excinfo)
+    assert "train.optm_lrr" in problem
+    assert "unknown key 'optm_lrr' in [train]; did you mean 'optm_lr'?" in problem
+
+
+def test_unknown_key_in_nested_section_and_override():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, ["rollout.sampling_config.temprature=0.5"])
+    (problem,) = problems_of(excinfo)
+    assert "[rollout.sampling_config]" in problem
+    assert "did you mean 'temperature'?" in problem
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, ["redis.zzz=1"])
+    (problem,) = problems_of(excinfo)
+    assert "unknown key 'zzz' in [redis]" in problem
+    assert "valid keys: url, port, executable" in problem
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, "[trian]\nepoch = 2\n\n[train.ckpts]\nsave_freq = 3\n"))
+    problems = problems_of(excinfo)
+    assert "unknown section [trian]; did you mean [train]?" in problems
+    assert "unknown section [train.ckpts]; did you mean [train.ckpt]?" in problems
+
+
+def test_wrong_type_names_key_expected_type_and_value(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, '[train]\noptm_lr = "fast"\n'))
+    assert problems_of(excinfo) == ["train.optm_lr: expected a number, got 'fast'"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ('rollout.n_generation="8"', "rollout.n_generation: expected an integer, got '8'"),
+        ("rollout.enforce_eager=1", "rollout.enforce_eager: expected true or false, got 1"),
+        ("train.epoch=1.5", "train.epoch: expected an integer, got 1.5"),
+        ("train.optm_lr=0", "train.optm_lr: must be > 0, got 0"),
+        ("rollout.backend=trtllm", "rollout.backend: expected one of 'vllm' or 'transformers'"),
+        ('logging.logger=["wandb"]', "logging.logger[0]: expected one of 'console'"),
+        ("train.ckpt=3", "train.ckpt: expected a table, got 3"),
+        ("train.optm_betas=[0.9, 1.0]", "train.optm_betas: each beta must be in [0, 1)"),
+        ("rollout.sampling_config.top_p=inf", "top_p: expected a finite number, got inf"),
+        ("train.ckpt.max_keep=0", "train.ckpt.max_keep: must be >= 1, or -1"),
+        ("train.optm_grad_norm_clip=0.0", "cosmos-rl reads 0 as no clipping"),
+        ("redis.url=localhost:6379", "redis.url: expected a URL starting with redis://"),
+        ("redis.port=70000", "redis.port: must be <= 65535, got 70000"),
+        ("train.max_num_steps=0", "train.max_num_steps: must be > 0, got 0"),
+    ],
+)
+def test_bad_values(override, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, [override])
+    assert expected in str(excinfo.value)
+
+
+def test_multiple_errors_collected(tmp_path):
+    path = write(tmp_path, '[train]\noptm_lr = "fast"\nepochs = 2\n\n[rollot]\nseed = 1\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, ["rollout.batch_size=0", "nonsense"])
+    problems = problems_of(excinfo)
+    assert len(problems) == 5, problems
+    text = str(excinfo.value)
+    for part in ["train.optm_lr", "'epochs'", "[rollot]", "rollout.batch_size", "'nonsense'"]:
+        assert part in text
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="config file not found") as excinfo:
+        load_config(path)
+    assert str(path) in str(excinfo.value)
+
+
+def test_toml_syntax_error(tmp_path):
+    path = write(tmp_path, "[train]\noptm_lr = = 3\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    message = str(excinfo.value)
+    assert str(path) in message
+    assert "invalid TOML" in message
+    assert "line 2" in message
+
+
+COSMOS_STYLE = """
+redis = "12800"
+
+[policy]
+model_name_or_path = "Qwen/Qwen2.5-3B-Instruct"
+model_max_length = 4096
+model_gradient_checkpointing = true
+
+[policy.parallelism]
+n_init_replicas = 1
+tp_size = 1
+cp_size = 1
+dp_shard_size = 2
+pp_size = 1
+cp_rotate_method = "allgather"
+
+[policy.lora]
+r = 8
+
+[rollout]
+n_generation = 8
+batch_size = 4
+enable_chunked_prefill = false
+
+[rollout.parallelism]
+n_init_replicas = 1
+tp_size = 1
+pp_size = 1
+
+[train]
+epoch = 1
+train_batch_per_replica = 64
+fsdp_offload = false
+param_dtype = "bfloat16"
+compile = false
+
+[train.train_policy]
+type = "grpo"
+temperature = 1.0
+dataloader_num_workers = 4
+
+[train.train_policy.dataset]
+name = "openai/gsm8k"
+
+[train.ckpt]
+enable_checkpoint = true
+save_mode = "async"
+
+[validation]
+enable = false
+
+[validation.dataset]
+name = "x"
+"""
+
+
+def test_cosmos_unimplemented_keys_warn_once_and_are_accepted(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = load_config(write(tmp_path, COSMOS_STYLE))
+    ours = [w for w in caught if issubclass(w.category, ConfigWarning)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    assert message.startswith("ignored cosmos-rl keys not implemented by Gantry yet: ")
+    for key in [
+        "policy.model_gradient_checkpointing",
+        "policy.parallelism.tp_size",
+        "policy.parallelism.cp_rotate_method",
+        "policy.lora",
+        "rollout.enable_chunked_prefill",
+        "rollout.parallelism.pp_size",
+        "train.fsdp_offload",
+        "train.param_dtype",
+        "train.train_policy.temperature",
+        "train.train_policy.dataset",
+        "train.ckpt.save_mode",
+        "validation",
+    ]:
+        assert key in message, key
+    assert "validation.dataset" not in message  # a dropped table is named once
+    assert "[redis] port = 12800" in message
+    assert config.redis.port == 12800
+    assert config.train.train_batch_per_replica == 64
+    assert config.train.ckpt.enable_checkpoint is True
+    assert config.policy.model_name_or_path == "Qwen/Qwen2.5-3B-Instruct"
+
+
+def test_unimplemented_override_warns():
+    with pytest.warns(ConfigWarning, match=r"train\.optm_warmup_steps"):
+        config = load_config(None, ["train.optm_warmup_steps=10"])
+    assert config == GantryConfig()
+
+
+def test_known_unimplemented_is_disjoint_from_schema():
+    for section, names in KNOWN_UNIMPLEMENTED.items():
+        model = GantryConfig
+        for part in filter(None, section.split(".")):
+            model = model.model_fields[part].annotation
+        assert not names & set(model.model_fields), section
+
+
+def test_batch_must_be_a_multiple_of_n_generation():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, ["train.train_batch_per_replica=30", "rollout.n_generation=8"])
+    (problem,) = problems_of(excinfo)
+    assert "train.train_batch_per_replica = 30" in problem
+    assert "rollout.n_generation = 8" in problem
+    assert "try 24 or 32" in problem
+
+
+def test_grpo_needs_two_generations():
+    with pytest.raises(ConfigError, match="at least 2 completions"):
+        load_config(None, ["rollout.n_generation=1"])
+
+
+def test_staleness_must_cover_sync_interval():
+    with pytest.raises(ConfigError, match="allowed_outdated_steps = 1 must be at least"):
+        load_config(
+            None, ["train.sync_weight_interval=4", "train.train_policy.allowed_outdated_steps=1"]
+        )
+    load_config(
+        None, ["train.sync_weight_interval=4", "train.train_policy.allowed_outdated_steps=3"]
+    )
+
+
+def test_sft_rejected():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, ['train.train_policy.type="sft"'])
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith("train.train_policy.type: ")
+    assert "SFT is not implemented" in problem
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "policy.parallelism.n_init_replicas",
+        "rollout.parallelism.n_init_replicas",
+        "rollout.parallelism.tp_size",
+    ],
+)
+def test_only_one_replica_supported(key):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, [f"{key}=2"])
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith(f"{key}: got 2, but only 1 is supported in this version")
+
+
+def test_toml_round_trip(tmp_path):
+    config = load_config(
+        write(tmp_path, FULL_EXAMPLE),
+        [
+            'custom.odd key="tab\\there"',  # a key TOML must quote, a tab
+            r'custom.text="caf\u00e9 \U0001F642 del\u007f"',  # TOML decodes the escapes
+            "custom.when=2024-05-01T12:00:00Z",
+            "custom.mixed=[{a = 1}]",
+        ],
+    )
+    assert config.custom["odd key"] == "tab\there"
+    assert config.custom["text"] == "caf\u00e9 \U0001f642 del\x7f"
+    text = config_to_toml(config)
+    assert GantryConfig.model_validate(tomllib.loads(text)) == config
+    assert load_config(write(tmp_path, text, "again.toml")) == config
+    # None values are left out: the default experiment_name has no line.
+    assert "experiment_name" not in config_to_toml(GantryConfig())
+    assert load_config(write(tmp_path, config_to_toml(GantryConfig()), "d.toml")) == GantryConfig()
+
+
+def test_resolved_json_round_trip(tmp_path):
+    config = load_config(write(tmp_path, FULL_EXAMPLE), ["train.max_num_steps=3"])
+    path = tmp_path / "config.json"
+    write_resolved_config(config, path)
+    assert read_resolved_config(path) == config
+    assert config_to_dict(config)["train"]["optm_betas"] == [0.9, 0.95]
+
+
+def test_resolved_json_mismatch_is_a_config_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"train": {"epochs": 2}}')
+    with pytest.raises(ConfigError, match=r"config\.json: train\.epochs: unknown key"):
+        read_resolved_config(path)
+
+
+def test_no_torch_import():
+    code = "import gantry.config, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

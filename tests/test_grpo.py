@@ -1,0 +1,95 @@
+"""GRPO advantages and loss against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from policy.grpo import group_advantages, grpo_loss
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    adv = group_advantages(rewards, eps=0.0 + 1e-4)
+    # group 0: mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    std = math.sqrt(((0.5**2) * 4) / 3)
+    expected0 = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 2
+    assert adv[0].tolist() == pytest.approx(
+        [expected0[0], expected0[1], expected0[1], expected0[0]]
+    )
+    # a group with equal rewards carries no signal
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_grpo_loss_on_policy_is_minus_mean_advantage():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = grpo_loss(logp, logp.clone(), adv, mask, epsilon_low=0.2, epsilon_high=0.2)
+    # ratio 1 everywhere: per-token loss = -A; token mean over 3 tokens: -(2 + 2 - 1) / 3
+    assert loss.item() == pytest.approx(-1.0)
+    assert stats["ratio_mean"] == pytest.approx(1.0)
+    assert stats["clip_fraction"] == 0.0
+    assert stats["kl_behaviour"] == pytest.approx(0.0)
+
+
+def test_grpo_loss_clipping_hand_computed():
+    behaviour = torch.zeros(1, 3)
+    # ratios e^0.5 = 1.6487 (clipped to 1.2 for A>0), e^-0.5 = 0.6065, 1.0
+    logp = torch.tensor([[0.5, -0.5, 0.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = grpo_loss(
+        logp, behaviour, torch.tensor([1.0]), mask, epsilon_low=0.2, epsilon_high=0.2
+    )
+    # A = +1: min(r, clip(r)) = [1.2, 0.6065, 1.0]
+    expected = -(1.2 + math.exp(-0.5) + 1.0) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)
+    loss_neg, _ = grpo_loss(
+        logp, behaviour, torch.tensor([-1.0]), mask, epsilon_low=0.2, epsilon_high=0.3
+    )
+    # A = -1: min(-r, -clip(r)) = [-1.6487, -0.8, -1.0] -> loss = mean of [1.6487, 0.8, 1.0]
+    assert loss_neg.item() == pytest.approx((math.exp(0.5) + 0.8 + 1.0) / 3, rel=1e-6)
+
+
+def test_grpo_loss_gradient_only_through_unclipped_tokens():
+    logp = torch.tensor([[0.5, 0.0]], requires_grad=True)
+    loss, _ = grpo_loss(
+        logp,
+        torch.zeros(1, 2),
+        torch.tensor([1.0]),
+        torch.ones(1, 2),
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+    )
+    loss.backward()
+    # clipped token: no gradient; unclipped token (ratio 1): d(-r/2)/dlogp = -1/2
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -0.5])
+
+
+def test_kl_penalty_k3_hand_computed():
+    logp = torch.tensor([[-1.0]])
+    ref = torch.tensor([[-1.5]])
+    loss, stats = grpo_loss(
+        logp,
+        logp.clone(),
+        torch.tensor([0.0]),
+        torch.ones(1, 1),
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        kl_beta=0.1,
+        ref_logprobs=ref,
+    )
+    kl = math.exp(-0.5) + 0.5 - 1.0
+    assert stats["kl"] == pytest.approx(kl)
+    assert loss.item() == pytest.approx(0.1 * kl)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(
+            logp,
+            logp,
+            torch.tensor([0.0]),
+            torch.ones(1, 1),
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            kl_beta=0.1,
+        )

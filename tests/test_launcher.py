@@ -1,0 +1,89 @@
+"""The launcher on bad input (exit 2 before any worker starts) and its dry run."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(120)
+
+DATASET = textwrap.dedent(
+    """
+    def get_dataset(config):
+        return [{"prompt": f"say {i}", "answer": str(i)} for i in range(10)]
+
+    def exact(completion, sample, **kw):
+        return float(completion.strip() == sample["answer"])
+
+    reward_fns = [exact]
+    """
+)
+
+
+def launch(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "gantry.launcher", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd or ROOT, timeout=100,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "toy.py"
+    path.write_text(DATASET)
+    return path
+
+
+def write_config(tmp_path, text: str) -> Path:
+    path = tmp_path / "rl.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_unknown_key_exits_2_naming_key_and_suggestion(tmp_path, dataset):
+    config = write_config(tmp_path, "[train]\noptm_lrr = 1e-5\n")
+    result = launch("--config", config, dataset)
+    assert result.returncode == 2
+    assert "optm_lrr" in result.stderr and "optm_lr" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_wrong_type_override_exits_2(tmp_path, dataset):
+    result = launch(dataset, "train.optm_lr=fast", f"train.output_dir={tmp_path}/out")
+    assert result.returncode == 2
+    assert "train.optm_lr" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_broken_dataset_scripts_exit_2(tmp_path):
+    result = launch(tmp_path / "missing.py")
+    assert result.returncode == 2 and "missing.py" in result.stderr
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_dataset(config):\n    return [{'prompt': 'x'}]\n")
+    result = launch(broken)
+    assert result.returncode == 2 and "reward_fns" in result.stderr and "broken.py" in result.stderr
+
+
+def test_dataset_too_small_for_one_step_exits_2(tmp_path, dataset):
+    result = launch(dataset, "train.train_batch_per_replica=96", "rollout.n_generation=8")
+    assert result.returncode == 2
+    assert "train.train_batch_per_replica" in result.stderr
+
+
+def test_dry_run_prints_resolved_config_and_plan(tmp_path, dataset):
+    config = write_config(tmp_path, "[train]\nepoch = 3\n")
+    result = launch(
+        "--config",
+        config,
+        dataset,
+        "rollout.n_generation=4",
+        "train.train_batch_per_replica=8",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch = 3" in result.stdout and "n_generation = 4" in result.stdout
+    # 10 prompts x 3 epochs / (8 / 4) prompts per step
+    assert "policy steps: 15" in result.stdout

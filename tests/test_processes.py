@@ -1,0 +1,52 @@
+"""The launcher's supervision of child processes: failures are named, the others stopped."""
+
+import os
+import time
+
+import pytest
+
+from gantry.processes import ProcessGroupSupervisor
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_dying_child_stops_the_others_and_is_named(tmp_path, capsys):
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    sleeper = supervisor.start(
+        "policy0", ["-c", "import time; print('up', flush=True); time.sleep(60)"]
+    )
+    supervisor.start(
+        "rollout0", ["-c", "import sys; print('about to fail', flush=True); sys.exit(3)"]
+    )
+    started = time.monotonic()
+    code = supervisor.wait(main="policy0")
+    supervisor.stop_all()
+    assert code == 1
+    assert time.monotonic() - started < 20
+    assert sleeper.process.poll() is not None  # stopped by the supervisor
+    err = capsys.readouterr().err
+    assert "rollout0" in err and "exit code 3" in err and "about to fail" in err
+    assert (tmp_path / "logs" / "rollout0.log").read_text() == "about to fail\n"
+
+
+def test_success_when_main_exits_and_the_others_follow(tmp_path, capsys):
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    supervisor.start("controller", ["-c", "print('done')"])
+    supervisor.start("policy0", ["-c", "import time; time.sleep(0.5)"])
+    assert supervisor.wait(main="controller") == 0
+    supervisor.stop_all()
+    assert "[controller] done" in capsys.readouterr().out
+
+
+def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path, monkeypatch):
+    import gantry.processes as processes
+
+    monkeypatch.setattr(processes, "STOP_GRACE_S", 1.0)
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(60)"
+    child = supervisor.start("stubborn", ["-c", code])
+    time.sleep(1.0)
+    supervisor.stop_all()
+    assert child.process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(child.process.pid, 0)

@@ -1,0 +1,61 @@
+"""Message codec round trips and decoding errors."""
+
+import msgpack
+import pytest
+from pydantic import ValidationError
+
+from gantry import protocol as p
+
+SAMPLES = [
+    p.PromptTask(prompt_id="0:3", epoch=0, index=3),
+    p.SyncWeights(version=7),
+    p.Stop(reason="done"),
+    p.RolloutGroup(
+        prompt_id="1:2",
+        replica="0",
+        policy_version=4,
+        prompt_token_ids=[1, 2, 3],
+        samples=[
+            p.Sample(token_ids=[5, 6], logprobs=[-0.25, -1.5], reward=1.0, finish_reason="stop")
+        ],
+    ),
+    p.Register(role="rollout", replica="1", pid=42, host="h"),
+    p.StepDone(step=3, metrics={"loss": 0.5}),
+    p.Export(step=3, path="/x", final=True),
+    p.ExportDone(step=3, path="/x", final=False),
+    p.WeightsSynced(replica="0", version=2, seconds=0.1),
+    p.WorkerFailed(role="policy", replica="0", error="boom"),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.type)
+def test_round_trip(message):
+    decoded = p.decode(p.encode(message))
+    assert type(decoded) is type(message)
+    assert decoded == message
+
+
+def test_train_batch_round_trip_keeps_floats_exact():
+    group = SAMPLES[3]
+    batch = p.TrainBatch(step=1, groups=[group, group])
+    assert p.decode(p.encode(batch)).groups[1].samples[0].logprobs == [-0.25, -1.5]
+
+
+def test_every_message_type_is_decodable():
+    assert {m.type for m in SAMPLES} | {"train_batch"} == {
+        t.model_fields["type"].default for t in p.MESSAGE_TYPES
+    }
+
+
+def test_unknown_type_and_extra_field_are_rejected():
+    with pytest.raises(ValidationError):
+        p.decode(msgpack.packb({"type": "nope"}))
+    with pytest.raises(ValidationError):
+        p.decode(msgpack.packb({"type": "sync_weights", "version": 1, "extra": 2}))
+
+
+def test_keys_are_namespaced_by_run():
+    keys = p.Keys("run1")
+    assert keys.prompts == "gantry:run1:prompts"
+    assert keys.commands("rollout", "2") == "gantry:run1:commands:rollout:2"
+    assert p.Keys("run2").prompts != keys.prompts

@@ -1,0 +1,67 @@
+"""Prompt order, retries, staleness and batching of the controller, without Redis."""
+
+from controller.scheduler import PromptQueue, RolloutBuffer, task_of
+from gantry.protocol import RolloutGroup, Sample
+
+
+def group(prompt_id: str, version: int) -> RolloutGroup:
+    sample = Sample(token_ids=[1], logprobs=[-1.0], reward=0.0, finish_reason="stop")
+    return RolloutGroup(
+        prompt_id=prompt_id,
+        replica="0",
+        policy_version=version,
+        prompt_token_ids=[0],
+        samples=[sample],
+    )
+
+
+def drain(queue: PromptQueue) -> list:
+    out = []
+    while (task := queue.next()) is not None:
+        out.append(task)
+    return out
+
+
+def test_queue_is_seeded_epoch_ordered_and_complete():
+    tasks = drain(PromptQueue(5, epochs=2, seed=1))
+    assert [t.epoch for t in tasks] == [0] * 5 + [1] * 5
+    assert sorted(t.index for t in tasks[:5]) == list(range(5))
+    assert [t.prompt_id for t in tasks] == [t.prompt_id for t in drain(PromptQueue(5, 2, 1))]
+    assert [t.index for t in tasks] != [t.index for t in drain(PromptQueue(5, 2, 2))]
+
+
+def test_queue_retries_first():
+    queue = PromptQueue(3, epochs=1, seed=0)
+    first = queue.next()
+    queue.retry(first)
+    assert queue.next() == first
+    assert len(drain(queue)) == 2
+
+
+def test_task_of_inverts_prompt_id():
+    task = task_of("3:17")
+    assert (task.epoch, task.index, task.prompt_id) == (3, 17, "3:17")
+
+
+def test_buffer_accepts_once_and_drops_stale():
+    buffer = RolloutBuffer(groups_per_step=2, max_staleness=1)
+    assert buffer.add(group("0:0", 5), "e1", version=6) == "accepted"
+    assert buffer.add(group("0:0", 6), "e2", version=6) == "duplicate"
+    assert buffer.add(group("0:1", 4), "e3", version=6) == "stale"
+    assert buffer.stats.dropped_stale == 1 and buffer.stats.duplicates == 1
+    batch, expired = buffer.take_batch(version=6)
+    assert batch == [] and expired == []
+    assert buffer.add(group("0:2", 6), "e4", version=6) == "accepted"
+    batch, expired = buffer.take_batch(version=6)
+    assert [g.prompt_id for g, _ in batch] == ["0:0", "0:2"]
+    assert [e for _, e in batch] == ["e1", "e4"]
+    assert buffer.stats.staleness == [1, 0]
+
+
+def test_buffer_expires_groups_that_waited_too_long():
+    buffer = RolloutBuffer(groups_per_step=2, max_staleness=0)
+    buffer.add(group("0:0", 0), "e1", version=0)
+    batch, expired = buffer.take_batch(version=1)
+    assert batch == [] and [g.prompt_id for g, _ in expired] == ["0:0"]
+    # an expired prompt may come back (re-generated) and be accepted
+    assert buffer.add(group("0:0", 1), "e2", version=1) == "accepted"
