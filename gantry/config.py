@@ -153,8 +153,8 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(
         default=1.0,
         gt=0,
-        description="Sampling temperature. GRPO's importance ratios assume the policy's own "
-        "distribution, so values other than 1.0 make the rollouts off-policy.",
+        description="Sampling temperature. The policy computes its log-probs at the same "
+        "temperature (logits / temperature), so importance ratios compare like with like.",
     )
     top_p: float = Field(
         default=1.0,

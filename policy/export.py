@@ -71,3 +71,17 @@ def write_sharded_safetensors(
     total_size = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(filenames.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def prune_exports(export_root: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest `step_N` exports (-1 keeps all); returns the deleted."""
+    if keep < 0:
+        return []
+    steps = sorted(
+        (p for p in export_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+    )
+    doomed = steps[: max(0, len(steps) - keep)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed

@@ -25,7 +25,7 @@ from gantry.protocol import (
 )
 from gantry.runtime import Heartbeat, RunInfo, host_name
 from gantry.transport import ControlPlane
-from policy.export import export_hf
+from policy.export import export_hf, prune_exports
 from policy.trainer import GRPOTrainer
 
 log = logging.getLogger("gantry.policy")
@@ -71,6 +71,7 @@ class PolicyWorker:
             self._send_weights(command.version)
         elif isinstance(command, Export):
             path = export_hf(self.trainer.model, self.info.model_path, command.path)
+            prune_exports(path.parent, self.config.train.ckpt.max_keep)
             self.plane.send(
                 self.keys.events, ExportDone(step=command.step, path=str(path), final=command.final)
             )

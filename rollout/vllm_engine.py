@@ -88,6 +88,12 @@ class VLLMEngine:
         # close() puts it back.
         self._set_num_threads = torch.set_num_threads
         kwargs: dict[str, Any] = {}
+        if not on_cuda:
+            # vLLM's CPU build crashes ("CPU Generator does not use offset") when the prefill
+            # of a request with its own seed is split over steps; without chunked prefill a
+            # prompt waits for a step with room instead, as vLLM itself does for MLA on CPU.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         self._llm = LLM(

@@ -285,6 +285,19 @@ def test_vllm_seeds_are_deterministic_and_per_sample(vllm_case):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_vllm_seeded_batch_larger_than_one_step(vllm_case):
+    """More prefill tokens than one scheduler step takes, every request seeded (a CPU-build
+    crash when prefills were chunked); the result is still deterministic."""
+    prompts = [[5 + i % 50] * 40 for i in range(64)]
+    sampling = SamplingSettings(n=8, max_tokens=4, seed=11)  # 64 * 8 * 40 > 8192 tokens
+    first = vllm_case.engine.generate(prompts, sampling)
+    assert len(first) == 64 and all(len(group) == 8 for group in first)
+    again = vllm_case.engine.generate(prompts, sampling)
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_vllm_stop_token_ends_completion(vllm_case):
     check_stop_token(vllm_case.engine)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from policy.export import INDEX_NAME, export_hf
+from policy.export import INDEX_NAME, export_hf, prune_exports
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -37,3 +37,13 @@ def test_single_shard_export_still_has_an_index(tmp_path, tiny_model_dir):
     index = json.loads((out / INDEX_NAME).read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_prune_keeps_the_newest_step_exports(tmp_path):
+    for step in (2, 10, 4, 8):
+        (tmp_path / f"step_{step}").mkdir()
+    (tmp_path / "final").mkdir()
+    deleted = prune_exports(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["step_2", "step_4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "step_10", "step_8"]
+    assert prune_exports(tmp_path, keep=-1) == []

@@ -1,0 +1,46 @@
+"""Single-digit addition: the quickstart's toy GRPO task.
+
+Each prompt asks "What is 3 + 4? Reply with only the number." with operands drawn from
+0..max_operand. Two rewards, summed:
+  correct_reward  1.0 when the first integer in the reply equals a + b
+  format_reward   0.1 when the reply begins with a number, as the prompt asks
+The small format credit gives a randomly initialised model something to learn before it
+ever gets a sum right; with real models it hardly matters.
+
+Run it with
+    ./launch.sh --config configs/quickstart-grpo.toml datasets/arithmetic.py
+Knobs come from the config's [custom] section: seed, size, max_operand.
+"""
+
+import random
+import re
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def get_dataset(config):
+    rng = random.Random(config.get("seed", 0))
+    top = config.get("max_operand", 4)
+    samples = []
+    for _ in range(config.get("size", 1000)):
+        a, b = rng.randint(0, top), rng.randint(0, top)
+        question = f"What is {a} + {b}? Reply with only the number."
+        samples.append({"messages": [{"role": "user", "content": question}], "answer": str(a + b)})
+    return samples
+
+
+def first_integer(text):
+    """The first integer in `text` ("The sum is 7." -> 7), or None."""
+    match = _INTEGER.search(text)
+    return int(match.group()) if match and len(match.group()) <= 20 else None
+
+
+def correct_reward(completion, sample, **kw):
+    return 1.0 if first_integer(completion) == int(sample["answer"]) else 0.0
+
+
+def format_reward(completion, sample, **kw):
+    return 0.1 if _INTEGER.match(completion.strip()) else 0.0
+
+
+reward_fns = [correct_reward, format_reward]
