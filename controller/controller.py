@@ -154,7 +154,7 @@ class Controller:
         if self.pending_batch is not None or self.steps_sent >= self.total_steps:
             return
         batch, expired = self.buffer.take_batch(self.version)
-        self._retry([(g, e) for g, e in expired])
+        self._retry(expired)
         if not batch:
             return
         self.steps_sent += 1

@@ -73,7 +73,6 @@ class RolloutWorker:
         log.info("engine %s up in %.1fs", config.rollout.backend, time.perf_counter() - started)
         self.version = 0
         self.group = None
-        self.batches = 0
         self.consumer = f"rollout-{replica}"
         self.stopping = False
 
@@ -168,7 +167,6 @@ class RolloutWorker:
             )
         ids = [d.entry_id for d in deliveries]
         self.plane.ack_and_send(self.keys.prompts, GROUP, ids, self.keys.rollouts, groups)
-        self.batches += 1
 
     def _prompt_ids(self, index: int) -> list[int]:
         messages = prompt_messages(self.samples[index], self.script.path, index)
