@@ -3,7 +3,8 @@
 Each prompt asks "What is 3 + 4? Reply with only the number." with operands drawn from
 0..max_operand. Two rewards, summed:
   correct_reward  1.0 when the first integer in the reply equals a + b
-  format_reward   0.1 when the reply begins with a number, as the prompt asks
+  format_reward   0.1 when the reply begins with a number (of at most the answer's length),
+                  as the prompt asks
 The small format credit gives a randomly initialised model something to learn before it
 ever gets a sum right; with real models it hardly matters.
 
@@ -40,7 +41,9 @@ def correct_reward(completion, sample, **kw):
 
 
 def format_reward(completion, sample, **kw):
-    return 0.1 if _INTEGER.match(completion.strip()) else 0.0
+    match = _INTEGER.match(completion.strip())
+    # No longer than the answer: "5555..." is digit spam, not a well-formed sum.
+    return 0.1 if match and len(match.group().lstrip("-")) <= len(sample["answer"]) else 0.0
 
 
 reward_fns = [correct_reward, format_reward]
