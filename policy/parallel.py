@@ -1,0 +1,222 @@
+"""The policy job's process layout and the FSDP2 sharding of its model.
+
+A policy job is `dp_replicate x dp_shard` ranks (one torchrun agent per policy replica, each with
+`dp_replicate_size x dp_shard_size` local ranks). The model is sharded with FSDP2
+(`fully_shard`) over a device mesh ("dp_replicate", "dp_shard"): parameters, gradients and
+optimizer state are sharded inside a row of the mesh and replicated across rows (HSDP), so
+gradients are reduce-scattered inside a replica and all-reduced across replicas. Every rank
+trains on its own share of the batch.
+
+    dist_env = init_distributed()          # from torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    mesh = build_mesh(dims, dist_env.device)
+    model = load_sharded_model(path, mesh, ShardingOptions(param_dtype=torch.bfloat16))
+
+Only rank 0 reads the checkpoint's weights; the others build the model on the meta device and
+receive their shards from rank 0, so a node never holds one full copy of the model per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+log = logging.getLogger("gantry.policy")
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class ParallelConfigError(ValueError):
+    """The parallel layout asked for does not match the processes that were started."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of the data-parallel mesh of the whole policy job."""
+
+    dp_replicate: int  # replicas of the sharded model (policy replicas x dp_replicate_size)
+    dp_shard: int  # ranks one copy of the model is sharded over
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def check_world(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ParallelConfigError(
+                f"the policy job has {world_size} processes, but the config asks for "
+                f"{self.dp_replicate} x {self.dp_shard} = {self.world_size} "
+                "(policy.parallelism: n_init_replicas x dp_replicate_size x dp_shard_size); "
+                "start that many policy processes or change policy.parallelism"
+            )
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """Join the policy job's default process group (NCCL on GPU, gloo on CPU).
+
+    Under torchrun the rank and world come from its environment; a process started without it
+    forms a world of one, so the same code path trains one process.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if on_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if on_cuda else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=device if on_cuda else None)
+        else:  # a single process, no torchrun: an in-memory store is all a world of one needs
+            if world_size != 1:
+                raise ParallelConfigError(
+                    f"WORLD_SIZE={world_size} but no MASTER_ADDR: start policy ranks with torchrun"
+                )
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
+    """The data-parallel mesh: 1-D ("dp_shard",) without replication, else 2-D (HSDP)."""
+    dims.check_world(dist.get_world_size())
+    if dims.dp_replicate == 1:
+        return init_device_mesh(device.type, (dims.dp_shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(
+        device.type, (dims.dp_replicate, dims.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    """How the model is held: dtypes, offload, activation checkpointing."""
+
+    master_dtype: torch.dtype = torch.float32  # the sharded parameters the optimizer updates
+    param_dtype: torch.dtype = torch.float32  # forward / backward compute
+    reduce_dtype: torch.dtype = torch.float32  # gradient reduction across ranks
+    cpu_offload: bool = False  # sharded parameters, gradients, optimizer state on the CPU
+    gradient_checkpointing: bool = False
+    reshard_after_forward: bool = True
+
+
+def shard_model(model: PreTrainedModel, mesh: DeviceMesh, options: ShardingOptions) -> None:
+    """Apply FSDP2 in place: one unit per transformer block (the model's `_no_split_modules`),
+    then the root, which holds the embeddings and the (possibly tied) LM head."""
+    if options.gradient_checkpointing:
+        # Non-reentrant: the reentrant form re-runs forward hooks, which FSDP2 relies on.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mixed = MixedPrecisionPolicy(
+        param_dtype=None if options.param_dtype == options.master_dtype else options.param_dtype,
+        reduce_dtype=options.reduce_dtype,
+    )
+    offload = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    block_types = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} names no transformer block class in _no_split_modules; "
+            "FSDP2 needs one unit per block to bound memory"
+        )
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=options.reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=options.reshard_after_forward, **kwargs)
+
+
+def load_sharded_model(
+    model_path: str, mesh: DeviceMesh, options: ShardingOptions
+) -> PreTrainedModel:
+    """Build the model sharded over `mesh`; only rank 0 reads the weights from `model_path`."""
+    rank = dist.get_rank()
+    device = (
+        torch.device(mesh.device_type, torch.cuda.current_device())
+        if mesh.device_type == "cuda"
+        else torch.device("cpu")
+    )
+    if rank == 0:
+        full = AutoModelForCausalLM.from_pretrained(model_path, dtype=options.master_dtype)
+        full_state = full.state_dict()
+        model = full
+    else:
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=options.master_dtype)
+        full_state = {}
+    buffers = {name: buf.clone() for name, buf in model.named_buffers()} if rank == 0 else None
+    shard_model(model, mesh, options)
+    if rank != 0:
+        model.to_empty(device="cpu" if options.cpu_offload else device)
+    elif not options.cpu_offload:
+        model.to(device)
+    set_model_state_dict(
+        model,
+        full_state,
+        options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, cpu_offload=options.cpu_offload
+        ),
+    )
+    _broadcast_buffers(model, buffers, device)
+    model.train()
+    return model
+
+
+def _broadcast_buffers(
+    model: torch.nn.Module, source: dict[str, torch.Tensor] | None, device: torch.device
+) -> None:
+    """Buffers are not sharded and some are not in the state dict (rotary frequencies): the
+    meta-built ranks get them from rank 0."""
+    for name, buf in model.named_buffers():
+        value = (
+            source[name].to(device) if source is not None else torch.empty_like(buf, device=device)
+        )
+        if dist.get_world_size() > 1:
+            dist.broadcast(value, src=0)
+        with torch.no_grad():
+            buf.copy_(value)
+
+
+def iter_full_tensors(
+    model: torch.nn.Module, skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, full tensor) for each entry of the model's state dict, one at a time.
+
+    A collective over the model's mesh: every rank must run the loop to its end. Sharded
+    (DTensor) entries are all-gathered one by one, so no rank ever holds more than one full
+    tensor beyond its shards; rank 0 gets the full tensor, the other ranks None.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, value in model.state_dict().items():
+        if name in skip:
+            continue
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        yield name, (full.detach() if rank == 0 else None)
+        del full
