@@ -365,20 +365,22 @@ def test_cosmos_unimplemented_keys_warn_once_and_are_accepted(tmp_path):
     message = str(ours[0].message)
     assert message.startswith("ignored cosmos-rl keys not implemented by Gantry yet: ")
     for key in [
-        "policy.model_gradient_checkpointing",
-        "policy.parallelism.tp_size",
         "policy.parallelism.cp_rotate_method",
         "policy.lora",
         "rollout.enable_chunked_prefill",
         "rollout.parallelism.pp_size",
-        "train.fsdp_offload",
-        "train.param_dtype",
+        "train.compile",
         "train.train_policy.temperature",
         "train.train_policy.dataset",
-        "train.ckpt.save_mode",
         "validation",
     ]:
         assert key in message, key
+    for key in ["model_gradient_checkpointing", "dp_shard_size", "param_dtype", "save_mode"]:
+        assert key not in message, f"{key} is implemented: no warning"
+    assert config.policy.model_gradient_checkpointing is True
+    assert config.policy.parallelism.dp_shard_size == 2
+    assert config.train.param_dtype == "bfloat16" and config.train.fsdp_offload is False
+    assert config.train.ckpt.save_mode == "async"
     assert "validation.dataset" not in message  # a dropped table is named once
     assert "[redis] port = 12800" in message
     assert config.redis.port == 12800
@@ -388,8 +390,8 @@ def test_cosmos_unimplemented_keys_warn_once_and_are_accepted(tmp_path):
 
 
 def test_unimplemented_override_warns():
-    with pytest.warns(ConfigWarning, match=r"train\.optm_warmup_steps"):
-        config = load_config(None, ["train.optm_warmup_steps=10"])
+    with pytest.warns(ConfigWarning, match=r"train\.optm_decay_ratio"):
+        config = load_config(None, ["train.optm_decay_ratio=0.1"])
     assert config == GantryConfig()
 
 
@@ -436,12 +438,14 @@ def test_sft_rejected():
 @pytest.mark.parametrize(
     "key",
     [
-        "policy.parallelism.n_init_replicas",
+        "policy.parallelism.tp_size",
+        "policy.parallelism.cp_size",
+        "policy.parallelism.pp_size",
         "rollout.parallelism.n_init_replicas",
         "rollout.parallelism.tp_size",
     ],
 )
-def test_only_one_replica_supported(key):
+def test_only_one_supported(key):
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, [f"{key}=2"])
     (problem,) = problems_of(excinfo)
@@ -489,3 +493,49 @@ def test_no_torch_import():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_batch_must_divide_over_a_replicas_ranks():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(
+            None,
+            ["train.train_batch_per_replica=18", "rollout.n_generation=6",
+             "policy.parallelism.dp_shard_size=2", "policy.parallelism.dp_replicate_size=2"],
+        )  # fmt: skip
+    (problem,) = problems_of(excinfo)
+    assert "dp_replicate_size x dp_shard_size = 4" in problem and "try 24" in problem
+    config = load_config(None, ["policy.parallelism.dp_shard_size=-1"])  # resolved at launch
+    assert config.policy.parallelism.dp_shard_size == -1
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("policy.parallelism.dp_shard_size=0", "must be >= 1, or -1"),
+        ("train.optm_warmup_steps=1.5", "fraction of the run's steps and must be in (0, 1]"),
+        ("train.optm_warmup_steps=-2", "must be >= 0"),
+        ('train.param_dtype="fp8"', "expected one of"),
+        (
+            'train.ckpt.upload_s3="final"',
+            "train.ckpt.upload_s3 = 'final' needs train.ckpt.s3_bucket",
+        ),
+        ("train.ckpt.upload_hf=true", "needs train.ckpt.hf_repo_name"),
+        ("train.ckpt.upload_s3=true", "expected one of"),
+    ],
+)
+def test_policy_scale_keys_are_checked(override, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, [override])
+    assert expected in str(excinfo.value)
+
+
+def test_policy_scale_keys_load():
+    config = load_config(
+        None,
+        ["train.optm_warmup_steps=0.1", "train.optm_decay_type=\"cosine\"",
+         "train.ckpt.upload_s3=\"all\"", "train.ckpt.s3_bucket=b", "train.resume=true",
+         "train.train_policy.mini_batch=4", "policy.parallelism.n_init_replicas=2"],
+    )  # fmt: skip
+    assert config.train.optm_warmup_steps == 0.1 and config.train.optm_decay_type == "cosine"
+    assert config.train.ckpt.upload_s3 == "all" and config.train.resume is True
+    assert config.policy.parallelism.n_init_replicas == 2
