@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 from controller.scheduler import PromptQueue, RolloutBuffer, task_of
+from gantry import checkpoints
 from gantry.config import GantryConfig
 from gantry.protocol import (
+    Checkpoint,
+    CheckpointSaved,
     Export,
     ExportDone,
     Register,
@@ -24,11 +27,12 @@ from gantry.protocol import (
     Stop,
     SyncWeights,
     TrainBatch,
+    UploadDone,
     WeightsSynced,
     WorkerFailed,
 )
 from gantry.redis_server import free_port
-from gantry.runtime import RunInfo, append_jsonl, planned_steps
+from gantry.runtime import RunInfo, append_jsonl, groups_per_step, planned_steps
 from gantry.transport import ControlPlane, Delivery
 
 log = logging.getLogger("gantry.controller")
@@ -47,7 +51,8 @@ class Controller:
         self.keys = info.keys
         self.plane = ControlPlane(info.redis_url)
         self.rollout_replicas = [str(i) for i in range(config.rollout.parallelism.n_init_replicas)]
-        self.groups_per_step = config.train.train_batch_per_replica // config.rollout.n_generation
+        self.policy_replicas = [str(i) for i in range(config.policy.parallelism.n_init_replicas)]
+        self.groups_per_step = groups_per_step(config)
         self.total_steps = planned_steps(config, info.dataset_size)
         max_staleness = config.train.train_policy.allowed_outdated_steps
         self.queue = PromptQueue(info.dataset_size, config.train.epoch, config.train.seed)
@@ -60,6 +65,8 @@ class Controller:
         self.pending_batch: dict | None = None  # the batch the policy is training on
         self.registered: set[tuple[str, str]] = set()
         self.rewards: list[float] = []
+        self.uploads: list[dict] = []
+        self.checkpoint_states: dict[int, dict] = {}  # ordered saves: the controller's part
         self.finished = False
         self.final_export = ""
         self._last_heartbeat_check = 0.0
@@ -77,7 +84,11 @@ class Controller:
             self.info.run_id, self.total_steps, self.groups_per_step,
             self.config.rollout.n_generation, self.buffer.max_staleness,
         )  # fmt: skip
+        if self.info.resume_from:
+            self._restore(Path(self.info.resume_from))
         self._wait_for_workers()
+        if self.version > 0:  # resumed: rollouts start from the initial weights
+            self._order_sync(self.version)
         while not self.finished:
             self._check_heartbeats()
             self._dispatch()
@@ -102,7 +113,8 @@ class Controller:
         )
 
     def _expected_workers(self) -> set[tuple[str, str]]:
-        return {("policy", "0")} | {("rollout", r) for r in self.rollout_replicas}
+        policy = {("policy", r) for r in self.policy_replicas}
+        return policy | {("rollout", r) for r in self.rollout_replicas}
 
     def _wait_for_workers(self) -> None:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
@@ -161,9 +173,8 @@ class Controller:
         groups = [g for g, _ in batch]
         message = TrainBatch(step=self.steps_sent, groups=groups)
         self.plane.ack_and_send(
-            self.keys.rollouts, GROUP, [e for _, e in batch],
-            self.keys.commands("policy", "0"), [message],
-        )  # fmt: skip
+            self.keys.rollouts, GROUP, [e for _, e in batch], self.keys.policy_commands, [message]
+        )
         rewards = [s.reward for g in groups for s in g.samples]
         self.pending_batch = {
             "sent": time.monotonic(),
@@ -201,6 +212,10 @@ class Controller:
             self._on_step_done(message)
         elif isinstance(message, ExportDone):
             self._on_export_done(message)
+        elif isinstance(message, CheckpointSaved):
+            self._on_checkpoint_saved(message)
+        elif isinstance(message, UploadDone):
+            self._on_upload_done(message)
         elif isinstance(message, WeightsSynced):
             log.debug(
                 "rollout %s at v%d (%.3fs)", message.replica, message.version, message.seconds
@@ -213,31 +228,87 @@ class Controller:
         self.version = done.step
         self._record(done, batch)
         ckpt = self.config.train.ckpt
-        if done.step >= self.total_steps:
+        final = done.step >= self.total_steps
+        saving = ckpt.enable_checkpoint and (final or done.step % ckpt.save_freq == 0)
+        if saving:
+            self._order_checkpoint(done.step)
+        if final:
             self._order_export(done.step, final=True)
             return
         if done.step % self.config.train.sync_weight_interval == 0:
-            sync = SyncWeights(version=done.step)
-            self.synced_version = done.step
-            self.plane.send(self.keys.commands("policy", "0"), sync)
-            for replica in self.rollout_replicas:
-                self.plane.send(self.keys.commands("rollout", replica), sync)
-        if ckpt.enable_checkpoint and ckpt.export_safetensors and done.step % ckpt.save_freq == 0:
+            self._order_sync(done.step)
+        if saving and ckpt.export_safetensors:
             self._order_export(done.step, final=False)
+
+    def _order_sync(self, version: int) -> None:
+        sync = SyncWeights(version=version)
+        self.synced_version = version
+        self.plane.send(self.keys.policy_commands, sync)
+        for replica in self.rollout_replicas:
+            self.plane.send(self.keys.commands("rollout", replica), sync)
 
     def _order_export(self, step: int, final: bool) -> None:
         path = self.run_dir / "export" / ("final" if final else f"step_{step}")
-        self.plane.send(
-            self.keys.commands("policy", "0"), Export(step=step, path=str(path), final=final)
+        self.plane.send(self.keys.policy_commands, Export(step=step, path=str(path), final=final))
+
+    # ---- checkpoints ----------------------------------------------------------------
+
+    def _order_checkpoint(self, step: int) -> None:
+        """The policy saves its part; the controller's part is its state as of this step."""
+        path = checkpoints.step_dir(self.run_dir / checkpoints.CHECKPOINTS, step)
+        self.checkpoint_states[step] = self._state(step)
+        self.plane.send(self.keys.policy_commands, Checkpoint(step=step, path=str(path)))
+
+    def _state(self, step: int) -> dict:
+        # Prompts buffered or in flight are not trained yet: a resumed run hands them out again.
+        pending = sorted(self.in_flight) + self.buffer.prompt_ids()
+        return {
+            "step": step,
+            "queue": self.queue.state(pending),
+            "rewards": list(self.rewards),
+            "dropped_stale": self.buffer.stats.dropped_stale,
+            "duplicates": self.buffer.stats.duplicates,
+            "run_id": self.info.run_id,
+        }
+
+    def _on_checkpoint_saved(self, saved: CheckpointSaved) -> None:
+        path = Path(saved.path)
+        checkpoints.write_json_atomic(
+            path / "controller.json", self.checkpoint_states.pop(saved.step)
         )
+        checkpoints.mark_complete(path, saved.step)
+        pruned = checkpoints.prune_step_dirs(
+            path.parent, self.config.train.ckpt.max_keep, complete_only=True
+        )
+        log.info(
+            "checkpoint step %d complete (%.1fs): %s%s", saved.step, saved.seconds, path,
+            f"; pruned {', '.join(p.name for p in pruned)}" if pruned else "",
+        )  # fmt: skip
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = json.loads((checkpoint / "controller.json").read_text())
+        self.queue.restore(state["queue"])
+        self.version = self.synced_version = self.steps_sent = state["step"]
+        self.rewards = list(state["rewards"])
+        self.buffer.stats.dropped_stale = state["dropped_stale"]
+        self.buffer.stats.duplicates = state["duplicates"]
+        log.info("resuming at step %d from %s", self.version, checkpoint)
+
+    def _on_upload_done(self, done: UploadDone) -> None:
+        self.uploads.append(done.model_dump(exclude={"type"}))
+        if done.ok:
+            log.info("uploaded %s to %s", done.name, done.destination)
+        else:
+            log.error("upload of %s to %s failed: %s", done.name, done.destination, done.error)
 
     def _on_export_done(self, done: ExportDone) -> None:
         log.info("exported step %d to %s", done.step, done.path)
         if not done.final:
             return
         self.final_export = done.path
-        for role, replica in sorted(self.registered):
-            self.plane.send(self.keys.commands(role, replica), Stop())
+        self.plane.send(self.keys.policy_commands, Stop())
+        for replica in self.rollout_replicas:
+            self.plane.send(self.keys.commands("rollout", replica), Stop())
         self.finished = True
 
     def _record(self, done: StepDone, batch: dict) -> None:
@@ -277,6 +348,8 @@ class Controller:
             "dropped_stale": self.buffer.stats.dropped_stale,
             "duplicates": self.buffer.stats.duplicates,
             "final_export": self.final_export,
+            "resumed_from": self.info.resume_from or None,
+            "uploads": self.uploads,
             "seconds": time.monotonic() - self._started,
         }
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -45,6 +45,22 @@ class PromptQueue:
     def retry(self, task: PromptTask) -> None:
         self._retry.append(task)
 
+    def state(self, pending: list[str]) -> dict:
+        """The queue as JSON, with `pending` (prompt ids handed out but not trained) put back
+        in front, so a run resumed from this state trains every prompt exactly once."""
+        retry = sorted(pending, key=_prompt_order) + [t.prompt_id for t in self._retry]
+        return {"epoch": self._epoch, "order": list(self._order), "retry": retry}
+
+    def restore(self, state: dict) -> None:
+        self._epoch = state["epoch"]
+        self._order = deque(state["order"])
+        self._retry = deque(task_of(prompt_id) for prompt_id in state["retry"])
+
+
+def _prompt_order(prompt_id: str) -> tuple[int, int]:
+    epoch, index = prompt_id.split(":")
+    return int(epoch), int(index)
+
 
 @dataclass
 class BufferStats:
@@ -66,6 +82,10 @@ class RolloutBuffer:
 
     def __len__(self) -> int:
         return len(self._groups)
+
+    def prompt_ids(self) -> list[str]:
+        """The prompts whose results wait here for a batch."""
+        return [group.prompt_id for group, _ in self._groups]
 
     def add(self, group: RolloutGroup, entry_id: str, version: int) -> str:
         """'accepted', 'stale' (too old: retry the prompt) or 'duplicate' (already have it)."""

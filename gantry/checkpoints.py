@@ -67,12 +67,15 @@ def latest_complete(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prune_step_dirs(root: Path, keep: int, *, complete_only: bool) -> list[Path]:
+def prune_step_dirs(
+    root: Path, keep: int, *, complete_only: bool, keep_paths: set[Path] | frozenset = frozenset()
+) -> list[Path]:
     """Keep the `keep` newest step_N directories (-1: all); returns the deleted ones.
 
     With complete_only, only complete checkpoints count towards `keep`, and an incomplete one
     older than the newest complete checkpoint (a save that never finished) is deleted too;
     an incomplete one newer than that may still be in progress and is left alone.
+    Directories in `keep_paths` (still being uploaded, say) are never deleted.
     """
     dirs = step_dirs(root)
     kept = [p for p in dirs if is_complete(p)] if complete_only else dirs
@@ -80,6 +83,8 @@ def prune_step_dirs(root: Path, keep: int, *, complete_only: bool) -> list[Path]
     if complete_only and kept:
         newest = step_of(kept[-1])
         doomed += [p for p in dirs if not is_complete(p) and step_of(p) < newest]
+    protected = {Path(p).resolve() for p in keep_paths}
+    doomed = [p for p in doomed if p.resolve() not in protected]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return sorted(doomed, key=step_of)

@@ -141,8 +141,12 @@ def send_weights(
 ) -> None:
     """Broadcast `tensors` from rank 0 bucket by bucket, in manifest order."""
     for bucket in buckets:
-        flat = torch.cat([tensors[e.name].detach().reshape(-1) for e in bucket])
-        group.broadcast(flat)
+        broadcast_bucket(group, [tensors[e.name] for e in bucket])
+
+
+def broadcast_bucket(group: SyncGroup, tensors: list[torch.Tensor]) -> None:
+    """Send one bucket (its tensors in manifest order) as one flat broadcast from rank 0."""
+    group.broadcast(torch.cat([t.detach().reshape(-1) for t in tensors]))
 
 
 def receive_weights(

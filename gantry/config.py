@@ -91,7 +91,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Gantr
     try:
         config = GantryConfig.model_validate(raw)
     except ValidationError as exc:
-        problems += _describe_errors(exc)
+        problems += describe_errors(exc)
     if problems:
         raise ConfigError(problems)
     return config
@@ -251,7 +251,7 @@ _BOUNDS = {
 }
 
 
-def _describe_errors(exc: ValidationError) -> list[str]:
+def describe_errors(exc: ValidationError) -> list[str]:
     """One line per pydantic error: the dotted key, what was expected, and the value given."""
     problems = []
     for error in exc.errors():
@@ -311,7 +311,7 @@ def read_resolved_config(path: str | Path) -> GantryConfig:
     try:
         return GantryConfig.model_validate_json(text)
     except ValidationError as exc:
-        raise ConfigError([f"{path}: {line}" for line in _describe_errors(exc)]) from None
+        raise ConfigError([f"{path}: {line}" for line in describe_errors(exc)]) from None
 
 
 def config_to_toml(cfg: GantryConfig) -> str:

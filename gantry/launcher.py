@@ -18,17 +18,14 @@ from datetime import datetime
 from pathlib import Path
 
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
+from gantry.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
 from gantry.plugin import DatasetScriptError, load_dataset_script
 from gantry.processes import ProcessGroupSupervisor
-from gantry.redis_server import RedisServer, RedisServerError
-from gantry.runtime import RunInfo, planned_steps
+from gantry.redis_server import RedisServer, RedisServerError, free_port
+from gantry.runtime import RunInfo, groups_per_step, planned_steps
 
 BUILTIN_MODELS = {"gantry:tiny-qwen2"}
 EXIT_BAD_INPUT = 2
-
-
-class LaunchError(ValueError):
-    """Bad input found before any worker started."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,17 +61,17 @@ def resolve_model(name_or_path: str, output_dir: Path) -> str:
 
 def prepare(args: argparse.Namespace):
     """Validate everything a run needs; raises ConfigError, DatasetScriptError or LaunchError."""
-    config = load_config(args.config, args.overrides)
+    config = resolve_parallelism(load_config(args.config, args.overrides))
     grpo = config.train.train_policy.type == "grpo"
     script = load_dataset_script(args.dataset, need_rewards=grpo)
     dataset_size = len(script.load_samples(config.custom))
     steps = planned_steps(config, dataset_size)
     if steps == 0:
-        groups = config.train.train_batch_per_replica // config.rollout.n_generation
         raise LaunchError(
             f"the dataset has {dataset_size} prompts and train.epoch = {config.train.epoch}, "
-            f"but one step takes {groups} prompts (train.train_batch_per_replica / "
-            "rollout.n_generation): lower train.train_batch_per_replica or raise train.epoch"
+            f"but one step takes {groups_per_step(config)} prompts (policy replicas x "
+            "train.train_batch_per_replica / rollout.n_generation): lower "
+            "train.train_batch_per_replica or raise train.epoch"
         )
     return config, script, dataset_size, steps
 
@@ -93,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(config.train.output_dir).resolve()
     try:
         model_path = resolve_model(config.policy.model_name_or_path, output_dir)
+        resume_from = find_resume_checkpoint(config.train.resume, output_dir)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -103,10 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = output_dir / stamp
     run_dir.mkdir(parents=True)
     write_resolved_config(config, run_dir / "config.json")
-    return run(config, run_dir, stamp, str(script.path), dataset_size, model_path)
+    info = RunInfo(
+        run_id=stamp,
+        run_dir=str(run_dir),
+        redis_url="",
+        dataset_script=str(script.path),
+        dataset_size=dataset_size,
+        model_path=model_path,
+        resume_from=str(resume_from or ""),
+    )
+    return run(config, info)
 
 
-def run(config, run_dir: Path, run_id: str, script: str, dataset_size: int, model_path: str) -> int:
+def run(config, info: RunInfo) -> int:
+    run_dir = Path(info.run_dir)
     redis_server = None
     url = config.redis.url
     if not url:
@@ -116,20 +124,16 @@ def run(config, run_dir: Path, run_id: str, script: str, dataset_size: int, mode
         except RedisServerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    info = RunInfo(
-        run_id=run_id,
-        run_dir=str(run_dir),
-        redis_url=url,
-        dataset_script=script,
-        dataset_size=dataset_size,
-        model_path=model_path,
-    )
+    info.redis_url = url
     info.write()
     print(f"run directory: {run_dir}", flush=True)
+    if info.resume_from:
+        print(f"resuming from: {info.resume_from}", flush=True)
     supervisor = ProcessGroupSupervisor(run_dir / "logs")
     try:
         supervisor.start("controller", ["-m", "controller", "--run-dir", str(run_dir)])
-        supervisor.start("policy0", ["-m", "policy", "--run-dir", str(run_dir), "--replica", "0"])
+        for i, command in enumerate(policy_commands(config, run_dir)):
+            supervisor.start(f"policy{i}", command)
         for i in range(config.rollout.parallelism.n_init_replicas):
             cmd = ["-m", "rollout", "--run-dir", str(run_dir), "--replica", str(i)]
             supervisor.start(f"rollout{i}", cmd)
@@ -142,6 +146,31 @@ def run(config, run_dir: Path, run_id: str, script: str, dataset_size: int, mode
         if redis_server is not None:
             redis_server.stop()
     return code if code else report_success(run_dir)
+
+
+def policy_commands(config, run_dir: Path) -> list[list[str]]:
+    """One torchrun agent per policy replica, all joining one job: replica i is torchrun's
+    node i, with dp_replicate_size x dp_shard_size local ranks."""
+    parallel = config.policy.parallelism
+    port = free_port()
+    return [
+        [
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={parallel.n_init_replicas}",
+            f"--node-rank={i}",
+            f"--nproc-per-node={parallel.ranks_per_replica}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+            "policy",
+            "--run-dir",
+            str(run_dir),
+            "--replica",
+            str(i),
+        ]  # fmt: skip
+        for i in range(parallel.n_init_replicas)
+    ]
 
 
 def report_success(run_dir: Path) -> int:

@@ -87,6 +87,14 @@ class Export(_Message):
     final: bool = False
 
 
+class Checkpoint(_Message):
+    """Save a resumable checkpoint of the policy after step `step` into `path`/policy."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    step: int
+    path: str
+
+
 # ---- workers -> controller -------------------------------------------------------------
 
 
@@ -116,6 +124,26 @@ class ExportDone(_Message):
     final: bool
 
 
+class CheckpointSaved(_Message):
+    """Every policy rank's part of checkpoint `step` is on disk (the controller's part and the
+    COMPLETE marker come next)."""
+
+    type: Literal["checkpoint_saved"] = "checkpoint_saved"
+    step: int
+    path: str
+    seconds: float
+
+
+class UploadDone(_Message):
+    """An export's upload to one destination finished (ok) or gave up after its retries."""
+
+    type: Literal["upload_done"] = "upload_done"
+    name: str
+    destination: str
+    ok: bool
+    error: str = ""
+
+
 class WeightsSynced(_Message):
     """A rollout replica now generates with `version`."""
 
@@ -141,9 +169,12 @@ MESSAGE_TYPES = (
     RolloutGroup,
     TrainBatch,
     Export,
+    Checkpoint,
     Register,
     StepDone,
     ExportDone,
+    CheckpointSaved,
+    UploadDone,
     WeightsSynced,
     WorkerFailed,
 )
@@ -154,9 +185,12 @@ AnyMessage = Annotated[
     | RolloutGroup
     | TrainBatch
     | Export
+    | Checkpoint
     | Register
     | StepDone
     | ExportDone
+    | CheckpointSaved
+    | UploadDone
     | WeightsSynced
     | WorkerFailed,
     Field(discriminator="type"),
@@ -195,8 +229,14 @@ class Keys:
         return self.prefix + "events"
 
     def commands(self, role: str, replica: str) -> str:
-        """Stream of controller -> worker commands, one per worker."""
+        """Stream of controller -> worker commands, one per rollout replica."""
         return f"{self.prefix}commands:{role}:{replica}"
+
+    @property
+    def policy_commands(self) -> str:
+        """Stream of controller -> policy commands, read in order by every policy rank (all
+        ranks of all replicas run the same steps, checkpoints and exports together)."""
+        return self.prefix + "commands:policy"
 
     def heartbeat(self, role: str, replica: str) -> str:
         """Key with a TTL, refreshed by a live worker."""

@@ -40,6 +40,7 @@ class RunInfo(BaseModel):
     dataset_script: str
     dataset_size: int
     model_path: str  # resolved: a built-in "gantry:" model becomes its local directory
+    resume_from: str = ""  # a complete checkpoint (checkpoints/step_N) to start from
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunInfo:
@@ -54,9 +55,11 @@ class RunInfo(BaseModel):
 
 
 def setup_logging(role: str) -> logging.Logger:
+    # Policy ranks other than 0 (torchrun sets RANK) say only what goes wrong, tagged by rank.
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s " + (f"rank{rank} " if rank else "") + "%(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stdout,
         force=True,
@@ -122,8 +125,13 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def planned_steps(config: GantryConfig, dataset_size: int) -> int:
     """Policy steps of the run: the full batches in `epoch` passes, capped by max_num_steps."""
-    groups_per_step = config.train.train_batch_per_replica // config.rollout.n_generation
-    steps = config.train.epoch * dataset_size // groups_per_step
+    steps = config.train.epoch * dataset_size // groups_per_step(config)
     if config.train.max_num_steps is not None:
         steps = min(steps, config.train.max_num_steps)
     return steps
+
+
+def groups_per_step(config: GantryConfig) -> int:
+    """Prompts (groups of n_generation completions) one policy step trains on, all replicas."""
+    completions = config.train.train_batch_per_replica * config.policy.parallelism.n_init_replicas
+    return completions // config.rollout.n_generation

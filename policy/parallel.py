@@ -217,6 +217,12 @@ def iter_full_tensors(
     for name, value in model.state_dict().items():
         if name in skip:
             continue
-        full = value.full_tensor() if isinstance(value, DTensor) else value
-        yield name, (full.detach() if rank == 0 else None)
+        full = full_tensor(value)
+        yield name, (full if rank == 0 else None)
         del full
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a parameter: all-gathered (a collective) if it is sharded."""
+    with torch.no_grad():
+        return value.full_tensor() if isinstance(value, DTensor) else value.detach()

@@ -1,65 +1,104 @@
-"""The GRPO trainer of one policy process: batch assembly, the optimisation step, weights.
+"""The GRPO trainer of one policy rank: its share of each batch, micro-batches, the FSDP2 step.
 
-One unsharded process for now; the model, optimizer and step are kept behind this class so
-that FSDP2 sharding slots in without touching the worker loop.
+Every rank of the policy job turns a TrainBatch into the same list of rows (one per
+completion): groups sorted by prompt id, so that the result does not depend on the order in
+which rollouts arrived, and advantages normalised within each group. Each rank trains on its
+own contiguous share, `mini_batch` rows per forward/backward, and gradients are accumulated
+(synchronised across ranks only on the last micro-batch).
+
+The loss is a token mean over the whole step batch, all ranks together: a micro-batch's loss
+is its token sum divided by (global token count / data-parallel size), and FSDP2 averages
+gradients over the data-parallel ranks, so N ranks take the same step as one process on the
+whole batch would.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
+import torch.distributed as dist
 
 from gantry.config import GantryConfig
 from gantry.protocol import RolloutGroup
 from policy.grpo import group_advantages, grpo_loss
+from policy.optim import build_optimizer, build_scheduler
+from policy.parallel import DistEnv, ShardingOptions, full_tensor, load_sharded_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Row:
+    """One completion with its prompt, as a training row."""
+
+    token_ids: list[int]  # prompt + completion
+    prompt_len: int
+    logprobs: list[float]  # behaviour log-probs of the completion tokens
+    advantage: float
+    reward: float
+
+
+def rows_of(groups: list[RolloutGroup]) -> list[Row]:
+    """All completions of the batch in a fixed order; advantages normalised within each group."""
+    rows = []
+    for group in sorted(groups, key=lambda g: g.prompt_id):
+        rewards = torch.tensor([s.reward for s in group.samples], dtype=torch.float32)
+        advantages = group_advantages(rewards.unsqueeze(0)).squeeze(0).tolist()
+        prompt = group.prompt_token_ids
+        for sample, advantage in zip(group.samples, advantages, strict=True):
+            rows.append(
+                Row(
+                    prompt + sample.token_ids,
+                    len(prompt),
+                    sample.logprobs,
+                    advantage,
+                    sample.reward,
+                )
+            )
+    return rows
+
+
+def share_of(rows: list[Row], rank: int, world_size: int) -> list[Row]:
+    """The contiguous share of `rows` that data-parallel rank `rank` trains on."""
+    if len(rows) % world_size:
+        raise ValueError(
+            f"{len(rows)} completions cannot be shared equally by {world_size} policy ranks"
+        )
+    size = len(rows) // world_size
+    return rows[rank * size : (rank + 1) * size]
 
 
 @dataclass
 class PackedBatch:
-    """Prompt + completion token rows, right-padded; mask marks the completion tokens."""
+    """Rows right-padded into tensors; masks are aligned with the next-token predictions."""
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
-    completion_mask: torch.Tensor  # [B, L-1], aligned with the next-token predictions
+    completion_mask: torch.Tensor  # [B, L-1]
     behaviour_logprobs: torch.Tensor  # [B, L-1]
     advantages: torch.Tensor  # [B]
-    rewards: torch.Tensor  # [B]
 
 
-def pack_groups(groups: list[RolloutGroup], pad_token_id: int) -> PackedBatch:
-    """Flatten groups into rows; advantages are normalised within each group."""
-    rows, behaviour, starts, rewards, advantages = [], [], [], [], []
-    for group in groups:
-        group_rewards = torch.tensor([s.reward for s in group.samples], dtype=torch.float32)
-        advantages.append(group_advantages(group_rewards.unsqueeze(0)).squeeze(0))
-        rewards.append(group_rewards)
-        for sample in group.samples:
-            rows.append(group.prompt_token_ids + sample.token_ids)
-            behaviour.append(sample.logprobs)
-            starts.append(len(group.prompt_token_ids))
-    length = max(len(r) for r in rows)
+def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> PackedBatch:
+    length = max(len(r.token_ids) for r in rows)
     batch = len(rows)
     input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
     completion_mask = torch.zeros((batch, length - 1), dtype=torch.float32)
     behaviour_logprobs = torch.zeros((batch, length - 1), dtype=torch.float32)
-    for i, (row, logps, start) in enumerate(zip(rows, behaviour, starts, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        # Token t (t >= start) is predicted at position t - 1.
-        completion_mask[i, start - 1 : len(row) - 1] = 1.0
-        behaviour_logprobs[i, start - 1 : len(row) - 1] = torch.tensor(logps)
+    for i, row in enumerate(rows):
+        end = len(row.token_ids)
+        input_ids[i, :end] = torch.tensor(row.token_ids)
+        attention_mask[i, :end] = 1
+        # Token t (t >= prompt_len) is predicted at position t - 1.
+        completion_mask[i, row.prompt_len - 1 : end - 1] = 1.0
+        behaviour_logprobs[i, row.prompt_len - 1 : end - 1] = torch.tensor(row.logprobs)
+    advantages = torch.tensor([r.advantage for r in rows], dtype=torch.float32)
     return PackedBatch(
-        input_ids,
-        attention_mask,
-        completion_mask,
-        behaviour_logprobs,
-        torch.cat(advantages),
-        torch.cat(rewards),
+        *(t.to(device) for t in (input_ids, attention_mask, completion_mask, behaviour_logprobs)),
+        advantages.to(device),
     )
 
 
@@ -71,68 +110,124 @@ def token_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: floa
     return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
 
 
+def sharding_options(config: GantryConfig) -> ShardingOptions:
+    train = config.train
+    return ShardingOptions(
+        master_dtype=DTYPES[train.master_dtype],
+        param_dtype=DTYPES[train.param_dtype],
+        reduce_dtype=DTYPES[train.fsdp_reduce_dtype],
+        cpu_offload=train.fsdp_offload,
+        gradient_checkpointing=config.policy.model_gradient_checkpointing,
+        reshard_after_forward=train.fsdp_reshard_after_forward != "never",
+    )
+
+
+# Token-weighted sums accumulated over micro-batches and ranks, in this order.
+_SUMS = ("loss", "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction")
+
+
 class GRPOTrainer:
-    def __init__(self, config: GantryConfig, model_path: str) -> None:
-        self.config = config
+    """The model, reference model, optimizer and LR schedule of one policy rank."""
+
+    def __init__(
+        self, config: GantryConfig, model_path: str, env: DistEnv, mesh, total_steps: int
+    ) -> None:
+        self.config, self.env = config, env
         torch.manual_seed(config.train.seed)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.model.train()
+        options = sharding_options(config)
+        self.model = load_sharded_model(model_path, mesh, options)
         self.reference = None
         if config.train.train_policy.kl_beta > 0:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        train = config.train
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=train.optm_lr,
-            betas=tuple(train.optm_betas),
-            weight_decay=train.optm_weight_decay,
-        )
+            frozen = ShardingOptions(
+                master_dtype=options.param_dtype, param_dtype=options.param_dtype
+            )
+            self.reference = load_sharded_model(model_path, mesh, frozen)
+            self.reference.eval().requires_grad_(False)
+        self.optimizer = build_optimizer(self.model.parameters(), config.train)
+        optimizer_steps = total_steps * config.train.train_policy.mu_iterations
+        self.scheduler = build_scheduler(self.optimizer, config.train, optimizer_steps)
         self.pad_token_id = self.model.config.pad_token_id or 0
         self.step_count = 0
 
     def step(self, groups: list[RolloutGroup]) -> dict[str, float]:
-        """One policy step on a batch of groups; returns metrics for the console."""
+        """One policy step on a batch of groups (a collective); returns global metrics."""
         started = time.perf_counter()
+        mine = share_of(rows_of(groups), self.env.rank, self.env.world_size)
+        size = self.config.train.train_policy.mini_batch
+        micro = [pack_rows(mine[i : i + size], self.pad_token_id, self.env.device)
+                 for i in range(0, len(mine), size)]  # fmt: skip
+        tokens = self._all_reduce(
+            torch.tensor([sum(float(b.completion_mask.sum()) for b in micro)])
+        )
+        global_tokens = max(float(tokens[0]), 1.0)
+        references = [self._reference_logprobs(b) for b in micro]
+        for _ in range(self.config.train.train_policy.mu_iterations):
+            lr = self.scheduler.get_last_lr()[0]
+            sums = self._accumulate(micro, references, global_tokens)
+            grad_norm = self._optimizer_step()
+        sums = self._all_reduce(sums) / global_tokens
+        self.step_count += 1
+        metrics = dict(zip(_SUMS, sums.tolist(), strict=True))
+        metrics.update(
+            grad_norm=grad_norm, lr=lr, tokens=global_tokens,
+            policy_seconds=time.perf_counter() - started,
+        )  # fmt: skip
+        return metrics
+
+    def _accumulate(
+        self, micro: list[PackedBatch], references: list, global_tokens: float
+    ) -> torch.Tensor:
+        """Forward/backward over the micro-batches; token-weighted statistics summed."""
         policy_cfg = self.config.train.train_policy
         temperature = self.config.rollout.sampling_config.temperature
-        batch = pack_groups(groups, self.pad_token_id)
-        ref_logprobs = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_logprobs = token_logprobs(self.reference, batch, temperature)
-        for _ in range(policy_cfg.mu_iterations):
+        normalizer = global_tokens / self.env.world_size
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        for i, (batch, ref) in enumerate(zip(micro, references, strict=True)):
+            # Reduce gradients across ranks once, after the last micro-batch.
+            self.model.set_requires_gradient_sync(i == len(micro) - 1)
             logprobs = token_logprobs(self.model, batch, temperature)
             loss, stats = grpo_loss(
-                logprobs,
-                batch.behaviour_logprobs,
-                batch.advantages,
-                batch.completion_mask,
-                epsilon_low=policy_cfg.epsilon_low,
-                epsilon_high=policy_cfg.epsilon_high,
-                kl_beta=policy_cfg.kl_beta,
-                ref_logprobs=ref_logprobs,
-            )
-            self.optimizer.zero_grad(set_to_none=True)
+                logprobs, batch.behaviour_logprobs, batch.advantages, batch.completion_mask,
+                epsilon_low=policy_cfg.epsilon_low, epsilon_high=policy_cfg.epsilon_high,
+                kl_beta=policy_cfg.kl_beta, ref_logprobs=ref, normalizer=normalizer,
+            )  # fmt: skip
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.config.train.optm_grad_norm_clip
-            )
-            self.optimizer.step()
-        self.step_count += 1
-        return {
-            "loss": float(loss.detach()),
-            "grad_norm": float(grad_norm),
-            "kl_ref": stats.get("kl", 0.0),
-            "kl_behaviour": stats["kl_behaviour"],
-            "ratio_mean": stats["ratio_mean"],
-            "clip_fraction": stats["clip_fraction"],
-            "tokens": float(batch.completion_mask.sum()),
-            "policy_seconds": time.perf_counter() - started,
-        }
+            tokens = float(batch.completion_mask.sum())
+            sums += torch.tensor([
+                float(loss.detach()) * normalizer, stats.get("kl", 0.0) * tokens,
+                stats["kl_behaviour"] * tokens, stats["ratio_mean"] * tokens,
+                stats["clip_fraction"] * tokens,
+            ], dtype=torch.float64)  # fmt: skip
+        return sums
 
-    def named_weights(self) -> dict[str, torch.Tensor]:
-        """The weights to sync, under HF names; a tied lm_head is left out (the engine ties it)."""
-        state = dict(self.model.named_parameters())
+    def _reference_logprobs(self, batch: PackedBatch) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            return token_logprobs(
+                self.reference, batch, self.config.rollout.sampling_config.temperature
+            )
+
+    def _optimizer_step(self) -> float:
+        clip = self.config.train.optm_grad_norm_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(full_tensor(grad_norm))
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size == 1:
+            return values
+        # gloo reduces CPU tensors; NCCL needs them on the GPU.
+        moved = values.to(self.env.device)
+        dist.all_reduce(moved)
+        return moved.cpu()
+
+    def weight_manifest_params(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters to sync, under HF names; a tied lm_head is left out (the engine
+        ties it)."""
+        params = dict(self.model.named_parameters())
         if self.model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        return {name: p.detach() for name, p in state.items()}
+            params.pop("lm_head.weight", None)
+        return params

@@ -1,7 +1,12 @@
-"""The policy worker loop: train on the batches the controller sends, sync weights, export.
+"""The policy worker loop of one rank: train on the batches the controller sends, sync weights,
+save checkpoints, export and upload.
 
-Commands arrive in order on this worker's command stream (TrainBatch, SyncWeights, Export,
-Stop); results go back as events. Weights leave only through the weight-sync process group.
+Every rank of the policy job (all replicas) reads the same command stream in order and runs
+each command together with the others: TrainBatch, SyncWeights, Checkpoint and Export are
+collectives over the job's mesh. Rank 0 speaks for the job: it publishes the weight manifest,
+reports StepDone / CheckpointSaved / ExportDone, sends the weights to the rollout replicas
+(the other ranks only help gather them) and runs the uploads in the background. The local
+rank 0 of each replica registers it and keeps its heartbeat.
 """
 
 from __future__ import annotations
@@ -9,12 +14,17 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from gantry import communicator
+from gantry.checkpoints import prune_step_dirs
 from gantry.config import GantryConfig
 from gantry.protocol import (
+    Checkpoint,
+    CheckpointSaved,
     Export,
     ExportDone,
     Register,
@@ -22,65 +32,184 @@ from gantry.protocol import (
     Stop,
     SyncWeights,
     TrainBatch,
+    UploadDone,
 )
-from gantry.runtime import Heartbeat, RunInfo, host_name
+from gantry.runtime import Heartbeat, RunInfo, host_name, planned_steps
 from gantry.transport import ControlPlane
-from policy.export import export_hf, prune_exports
+from policy.checkpoint import PolicyCheckpointer
+from policy.export import export_hf
+from policy.parallel import ParallelDims, build_mesh, full_tensor, init_distributed
 from policy.trainer import GRPOTrainer
+from policy.upload import Uploader
 
 log = logging.getLogger("gantry.policy")
 WEIGHT_SYNC_RANK = 0
+FINAL_UPLOAD_TIMEOUT_S = 3600.0
+
+
+def parallel_dims(config: GantryConfig) -> ParallelDims:
+    parallel = config.policy.parallelism
+    return ParallelDims(
+        dp_replicate=parallel.n_init_replicas * parallel.dp_replicate_size,
+        dp_shard=parallel.dp_shard_size,
+    )
 
 
 class PolicyWorker:
     def __init__(self, config: GantryConfig, info: RunInfo, replica: str) -> None:
         self.config, self.info, self.replica = config, info, replica
         self.keys = info.keys
+        self.env = init_distributed()
+        self.is_main = self.env.is_main
+        mesh = build_mesh(parallel_dims(config), self.env.device)
         self.plane = ControlPlane(info.redis_url)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-        self.trainer = GRPOTrainer(config, info.model_path)
-        self.weights = self.trainer.named_weights()
-        self.manifest = communicator.manifest_of(self.weights.items())
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2 // local_world))
+        total_steps = planned_steps(config, info.dataset_size)
+        self.trainer = GRPOTrainer(config, info.model_path, self.env, mesh, total_steps)
+        self.params = self.trainer.weight_manifest_params()
+        self.manifest = communicator.manifest_of(self.params.items())
         self.buckets = communicator.plan_buckets(self.manifest)
+        self.checkpointer = PolicyCheckpointer(async_mode=config.train.ckpt.save_mode == "async")
+        self.uploader = self._make_uploader() if self.is_main else None
         self.group = None
+        if info.resume_from:
+            self._resume(Path(info.resume_from))
+
+    def _make_uploader(self) -> Uploader | None:
+        ckpt = self.config.train.ckpt
+        return Uploader.from_settings(
+            hf_repo=ckpt.hf_repo_name if ckpt.upload_hf else "",
+            s3_mode=ckpt.upload_s3 or "",
+            s3_bucket=ckpt.s3_bucket,
+            s3_prefix=ckpt.s3_prefix,
+            on_result=self._report_upload,
+        )
+
+    def _resume(self, checkpoint: Path) -> None:
+        step, _extra = self.checkpointer.load(
+            checkpoint / "policy",
+            model=self.trainer.model,
+            optimizer=self.trainer.optimizer,
+            scheduler=self.trainer.scheduler,
+        )
+        self.trainer.step_count = step
+        log.info("resumed from %s at step %d", checkpoint, step)
+
+    # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
-        communicator.publish_manifest(
-            self.plane, self.keys, self.manifest, communicator.DEFAULT_BUCKET_BYTES
-        )
-        heartbeat = Heartbeat(self.plane, self.keys.heartbeat("policy", self.replica)).start()
-        self.plane.send(
-            self.keys.events,
-            Register(role="policy", replica=self.replica, pid=os.getpid(), host=host_name()),
-        )
-        log.info("policy ready: %d parameters", sum(e.numel for e in self.manifest))
-        commands = self.keys.commands("policy", self.replica)
+        if self.is_main:
+            communicator.publish_manifest(
+                self.plane, self.keys, self.manifest, communicator.DEFAULT_BUCKET_BYTES
+            )
+        heartbeat = None
+        if self.env.local_rank == 0:
+            heartbeat = Heartbeat(self.plane, self.keys.heartbeat("policy", self.replica)).start()
+            self.plane.send(
+                self.keys.events,
+                Register(role="policy", replica=self.replica, pid=os.getpid(), host=host_name()),
+            )
+        n_params = sum(e.numel for e in self.manifest)
+        log.info("policy ready: %d parameters, %d ranks", n_params, self.env.world_size)
+        try:
+            self._serve()
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+        self.checkpointer.close()
+        dist.destroy_process_group()
+
+    def _serve(self) -> None:
         while True:
-            for command in self.plane.read_next(commands, block_ms=1000):
+            for command in self.plane.read_next(self.keys.policy_commands, block_ms=1000):
                 if isinstance(command, Stop):
-                    heartbeat.stop()
                     log.info("stopping: %s", command.reason)
+                    self._finish_checkpoints()
                     return
                 self._handle(command)
+            self._report_checkpoints()
 
     def _handle(self, command) -> None:
         if isinstance(command, TrainBatch):
             metrics = self.trainer.step(command.groups)
-            self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
+            if self.is_main:
+                self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
         elif isinstance(command, SyncWeights):
             self._send_weights(command.version)
+        elif isinstance(command, Checkpoint):
+            self._save_checkpoint(command)
         elif isinstance(command, Export):
-            path = export_hf(self.trainer.model, self.info.model_path, command.path)
-            prune_exports(path.parent, self.config.train.ckpt.max_keep)
-            self.plane.send(
-                self.keys.events, ExportDone(step=command.step, path=str(path), final=command.final)
-            )
+            self._export(command)
         else:
             raise TypeError(f"policy got an unexpected command: {command!r}")
 
+    # ---- weights, checkpoints, exports -------------------------------------------------
+
     def _send_weights(self, version: int) -> None:
+        """Gather each bucket's tensors (all ranks), rank 0 broadcasts it to the rollouts."""
         started = time.perf_counter()
-        if self.group is None:
+        if self.is_main and self.group is None:
             self.group = communicator.join_group(self.plane, self.keys, WEIGHT_SYNC_RANK)
-        communicator.send_weights(self.group, self.weights, self.buckets)
+        for bucket in self.buckets:
+            tensors = [full_tensor(self.params[entry.name]) for entry in bucket]
+            if self.is_main:
+                communicator.broadcast_bucket(self.group, tensors)
         log.info("sent weights v%d in %.3fs", version, time.perf_counter() - started)
+
+    def _save_checkpoint(self, command: Checkpoint) -> None:
+        trainer = self.trainer
+        self.checkpointer.save(
+            Path(command.path) / "policy",
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler,
+            step=command.step,
+            extra={"step": command.step},
+        )
+        self._report_checkpoints()
+
+    def _report_checkpoints(self) -> None:
+        """Rank 0 tells the controller about every save that is now on disk on all ranks."""
+        for saved in self.checkpointer.poll():
+            if self.is_main:
+                self.plane.send(
+                    self.keys.events,
+                    CheckpointSaved(
+                        step=saved.step, path=str(saved.path.parent), seconds=saved.seconds
+                    ),
+                )
+
+    def _finish_checkpoints(self) -> None:
+        self.checkpointer.wait()
+        self._report_checkpoints()
+
+    def _export(self, command: Export) -> None:
+        if command.final:
+            # The last checkpoint is reported before the run's end is: the controller marks
+            # it complete before it stops the workers.
+            self._finish_checkpoints()
+        path = export_hf(self.trainer.model, self.info.model_path, command.path)
+        if not self.is_main:
+            return
+        keep = self.config.train.ckpt.max_keep
+        in_use = self.uploader.busy_paths() if self.uploader is not None else set()
+        prune_step_dirs(path.parent, keep, complete_only=False, keep_paths=in_use)
+        if self.uploader is not None:
+            self.uploader.submit(path, name=path.name, final=command.final)
+            if command.final:
+                self.uploader.close(FINAL_UPLOAD_TIMEOUT_S)
+        self.plane.send(
+            self.keys.events, ExportDone(step=command.step, path=str(path), final=command.final)
+        )
+
+    def _report_upload(self, result) -> None:
+        self.plane.send(
+            self.keys.events,
+            UploadDone(
+                name=result.name,
+                destination=result.destination,
+                ok=result.ok,
+                error=result.error or "",
+            ),
+        )

@@ -25,6 +25,9 @@ SAMPLES = [
     p.ExportDone(step=3, path="/x", final=False),
     p.WeightsSynced(replica="0", version=2, seconds=0.1),
     p.WorkerFailed(role="policy", replica="0", error="boom"),
+    p.Checkpoint(step=4, path="/run/checkpoints/step_4"),
+    p.CheckpointSaved(step=4, path="/run/checkpoints/step_4", seconds=1.5),
+    p.UploadDone(name="final", destination="s3://b/p/final", ok=False, error="denied"),
 ]
 
 
