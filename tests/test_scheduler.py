@@ -1,5 +1,7 @@
 """Prompt order, retries, staleness and batching of the controller, without Redis."""
 
+import json
+
 from controller.scheduler import PromptQueue, RolloutBuffer, task_of
 from gantry.protocol import RolloutGroup, Sample
 
@@ -65,3 +67,23 @@ def test_buffer_expires_groups_that_waited_too_long():
     assert batch == [] and [g.prompt_id for g, _ in expired] == ["0:0"]
     # an expired prompt may come back (re-generated) and be accepted
     assert buffer.add(group("0:0", 1), "e2", version=1) == "accepted"
+
+
+def test_queue_state_hands_out_pending_prompts_again_then_the_rest():
+    queue = PromptQueue(dataset_size=5, epochs=2, seed=1)
+    handed = [queue.next().prompt_id for _ in range(4)]
+    expected_rest = []
+    probe = PromptQueue(5, 2, 1)
+    probe.restore(queue.state(pending=[]))
+    while (task := probe.next()) is not None:
+        expected_rest.append(task.prompt_id)
+    # handed[2] was trained; handed[0], handed[1], handed[3] were still buffered or in flight
+    state = queue.state(pending=[handed[3], handed[0], handed[1]])
+    resumed = PromptQueue(5, 2, 1)
+    resumed.restore(json.loads(json.dumps(state)))
+    order = []
+    while (task := resumed.next()) is not None:
+        order.append(task.prompt_id)
+    pending = sorted([handed[0], handed[1], handed[3]], key=lambda p: tuple(map(int, p.split(":"))))
+    assert order == pending + expected_rest
+    assert sorted(order + [handed[2]]) == sorted(handed + expected_rest)  # each prompt once
