@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gantry import communicator
-from gantry.checkpoints import prune_step_dirs
+from gantry.checkpoints import prune_step_dirs, step_of
 from gantry.config import GantryConfig
 from gantry.protocol import (
     Checkpoint,
@@ -73,6 +73,7 @@ class PolicyWorker:
         self.checkpointer = PolicyCheckpointer(async_mode=config.train.ckpt.save_mode == "async")
         self.uploader = self._make_uploader() if self.is_main else None
         self.group = None
+        self.save_started: dict[int, float] = {}
         if info.resume_from:
             self._resume(Path(info.resume_from))
 
@@ -83,6 +84,7 @@ class PolicyWorker:
             s3_mode=ckpt.upload_s3 or "",
             s3_bucket=ckpt.s3_bucket,
             s3_prefix=ckpt.s3_prefix,
+            run_id=self.info.run_id,
             on_result=self._report_upload,
         )
 
@@ -128,7 +130,9 @@ class PolicyWorker:
                     self._finish_checkpoints()
                     return
                 self._handle(command)
-            self._report_checkpoints()
+                # A collective: after each command, never in the idle wait, whose number of
+                # turns differs between ranks.
+                self._report_checkpoints()
 
     def _handle(self, command) -> None:
         if isinstance(command, TrainBatch):
@@ -159,6 +163,7 @@ class PolicyWorker:
 
     def _save_checkpoint(self, command: Checkpoint) -> None:
         trainer = self.trainer
+        self.save_started[command.step] = time.perf_counter()
         self.checkpointer.save(
             Path(command.path) / "policy",
             model=trainer.model,
@@ -167,22 +172,21 @@ class PolicyWorker:
             step=command.step,
             extra={"step": command.step},
         )
-        self._report_checkpoints()
 
     def _report_checkpoints(self) -> None:
-        """Rank 0 tells the controller about every save that is now on disk on all ranks."""
-        for saved in self.checkpointer.poll():
-            if self.is_main:
-                self.plane.send(
-                    self.keys.events,
-                    CheckpointSaved(
-                        step=saved.step, path=str(saved.path.parent), seconds=saved.seconds
-                    ),
-                )
+        """Tell the controller about every save now on disk on all ranks (a collective)."""
+        self._announce(self.checkpointer.poll())
 
     def _finish_checkpoints(self) -> None:
-        self.checkpointer.wait()
-        self._report_checkpoints()
+        self._announce(self.checkpointer.wait())
+
+    def _announce(self, saved_paths: list[Path]) -> None:
+        for saved in saved_paths:  # each is a checkpoint's policy/ directory
+            step = step_of(saved.parent)
+            seconds = time.perf_counter() - self.save_started.pop(step)
+            if self.is_main:
+                event = CheckpointSaved(step=step, path=str(saved.parent), seconds=seconds)
+                self.plane.send(self.keys.events, event)
 
     def _export(self, command: Export) -> None:
         if command.final:
