@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow --dry-run
 
 
 def resolve_model(name_or_path: str, output_dir: Path) -> str:
@@ -85,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.dry_run:
         print(config_to_toml(config), end="")
+        parallel = config.policy.parallelism
         print(f"# dataset: {script.path} ({dataset_size} samples); policy steps: {steps}")
+        print(
+            f"# policy: {parallel.n_init_replicas} replica(s) x {parallel.ranks_per_replica} "
+            f"rank(s) (dp_replicate_size {parallel.dp_replicate_size} x dp_shard_size "
+            f"{parallel.dp_shard_size}); rollout: {config.rollout.parallelism.n_init_replicas} "
+            f"replica(s) x tp {config.rollout.parallelism.tp_size}"
+        )
         return 0
     output_dir = Path(config.train.output_dir).resolve()
     try:

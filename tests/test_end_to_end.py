@@ -38,10 +38,13 @@ def check_export(path: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_pipeline_with_transformers_engine(tmp_path):
-    """The whole process topology, quickly: controller, policy, rollout (transformers engine)."""
+    """The whole process topology, quickly: controller, two policy replicas (two torchrun
+    agents forming one data-parallel job), rollout (transformers engine)."""
     result, run_dir, outcome = run_launcher(
-        tmp_path, "rollout.backend=transformers", "train.max_num_steps=4", timeout=280
-    )
+        tmp_path, "rollout.backend=transformers", "train.max_num_steps=4",
+        "policy.parallelism.n_init_replicas=2", "train.train_batch_per_replica=64", timeout=280,
+    )  # fmt: skip
+    assert "policy replica 1 registered" in result.stdout
     assert outcome["steps"] == 4 and outcome["duplicates"] == 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -49,7 +52,7 @@ def test_pipeline_with_transformers_engine(tmp_path):
     bound = config["train"]["train_policy"]["allowed_outdated_steps"]
     assert all(m["staleness_max"] <= bound for m in metrics)
     assert "step 4/4" in result.stdout and "exported checkpoint" in result.stdout
-    for role in ("controller", "policy0", "rollout0"):
+    for role in ("controller", "policy0", "policy1", "rollout0"):
         assert (run_dir / "logs" / f"{role}.log").exists()
     check_export(outcome["final_export"])
 

@@ -87,3 +87,25 @@ def test_dry_run_prints_resolved_config_and_plan(tmp_path, dataset):
     assert "epoch = 3" in result.stdout and "n_generation = 4" in result.stdout
     # 10 prompts x 3 epochs / (8 / 4) prompts per step
     assert "policy steps: 15" in result.stdout
+
+
+def test_dry_run_shows_the_policy_layout_and_takes_overrides_after_flags(tmp_path, dataset):
+    result = launch(
+        dataset, "--dry-run", "rollout.n_generation=4", "train.train_batch_per_replica=8",
+        "policy.parallelism.n_init_replicas=2", "policy.parallelism.dp_shard_size=-1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # two replicas of one rank each (CPU: -1 is 1); 10 prompts / (2 x 8 / 4) per step
+    assert "policy: 2 replica(s) x 1 rank(s)" in result.stdout
+    assert "policy steps: 2" in result.stdout
+
+
+def test_bad_resume_and_bad_layout_exit_2(tmp_path, dataset):
+    result = launch(dataset, f"train.output_dir={tmp_path}", f"train.resume={tmp_path / 'none'}")
+    assert result.returncode == 2 and "no complete checkpoint in" in result.stderr
+    result = launch(
+        dataset, "rollout.n_generation=4", "train.train_batch_per_replica=8",
+        "policy.parallelism.dp_shard_size=3",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "divisible by the ranks of a policy replica" in result.stderr

@@ -89,3 +89,13 @@ def test_sharded_and_replicated_steps_match_one_process(tmp_path, tiny_model_dir
             update = value - initial[key]
             error = (weights[key] - value).norm() / update.norm()
             assert error < 1e-3, f"{name} {key}: relative error {error:.2e}"
+
+
+def test_world_size_mismatch_says_what_to_change():
+    from policy.parallel import ParallelConfigError, ParallelDims
+
+    ParallelDims(dp_replicate=2, dp_shard=2).check_world(4)
+    with pytest.raises(
+        ParallelConfigError, match="has 3 processes, but the config asks for 2 x 2 = 4"
+    ):
+        ParallelDims(dp_replicate=2, dp_shard=2).check_world(3)
