@@ -138,7 +138,13 @@ def shard_model(model: PreTrainedModel, mesh: DeviceMesh, options: ShardingOptio
         param_dtype=None if options.param_dtype == options.master_dtype else options.param_dtype,
         reduce_dtype=options.reduce_dtype,
     )
-    offload = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
+    offload = OffloadPolicy()
+    if options.cpu_offload and mesh.device_type == "cpu":
+        # FSDP2's offload moves state between an accelerator and host memory; without an
+        # accelerator everything already lives in host memory.
+        log.info("fsdp_offload: no accelerator, the model already lives in CPU memory")
+    elif options.cpu_offload:
+        offload = CPUOffloadPolicy()
     kwargs = dict(mesh=mesh, mp_policy=mixed, offload_policy=offload)
     block_types = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_types]

@@ -74,6 +74,12 @@ def test_sharded_and_replicated_steps_match_one_process(tmp_path, tiny_model_dir
         "fsdp2": (2, ["policy.parallelism.dp_shard_size=2", "train.train_policy.mini_batch=5"]),
         "hsdp": (4, ["policy.parallelism.dp_shard_size=2", "policy.parallelism.dp_replicate_size=2",
                      "train.train_policy.mini_batch=2"]),
+        # the same arithmetic, held differently: recomputed activations, fused AdamW (offload
+        # is a no-op without an accelerator; tests/test_policy_gpu.py runs it on a GPU)
+        "ckpt+offload+fused": (2, ["policy.parallelism.dp_shard_size=2",
+                                   "train.train_policy.mini_batch=6",
+                                   "policy.model_gradient_checkpointing=true",
+                                   "train.fsdp_offload=true", "train.optm_impl=\"fused\""]),
     }  # fmt: skip
     for name, (nproc, overrides) in layouts.items():
         metrics, weights = _run(tmp_path, tiny_model_dir, name, nproc, *overrides)
@@ -99,3 +105,17 @@ def test_world_size_mismatch_says_what_to_change():
         ParallelConfigError, match="has 3 processes, but the config asks for 2 x 2 = 4"
     ):
         ParallelDims(dp_replicate=2, dp_shard=2).check_world(3)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_bfloat16_compute_stays_close_to_float32(tmp_path, tiny_model_dir):
+    exact, _ = _run(tmp_path, tiny_model_dir, "fp32", 1, "train.train_policy.mini_batch=24")
+    mixed, weights = _run(
+        tmp_path, tiny_model_dir, "bf16", 2, "policy.parallelism.dp_shard_size=2",
+        "train.param_dtype=\"bfloat16\"", "train.train_policy.mini_batch=12",
+    )  # fmt: skip
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
+    for a, b in zip(exact, mixed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=5e-3)
+        assert b["ratio_mean"] == pytest.approx(a["ratio_mean"], rel=2e-2)
