@@ -1,5 +1,8 @@
 """Entry point of a policy process: `python -m policy --run-dir RUN [--replica 0]`."""
 
+import os
+import sys
+
 from gantry.runtime import load_run, parse_worker_args, run_worker, setup_logging
 
 
@@ -10,6 +13,12 @@ def main() -> None:
     from policy.worker import PolicyWorker  # torch and transformers load after argument parsing
 
     run_worker("policy", args.replica, info, lambda: PolicyWorker(config, info, args.replica).run())
+    # torch 2.13's gloo can abort at interpreter shutdown ("terminate called without an active
+    # exception": its thread frees the last collective's tensors while Python tears down),
+    # turning a finished rank into a failed one. Nothing is left to clean up: exit now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
