@@ -8,7 +8,7 @@ weights go over torch.distributed (see `gantry.communicator`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -178,23 +178,8 @@ MESSAGE_TYPES = (
     WeightsSynced,
     WorkerFailed,
 )
-AnyMessage = Annotated[
-    PromptTask
-    | SyncWeights
-    | Stop
-    | RolloutGroup
-    | TrainBatch
-    | Export
-    | Checkpoint
-    | Register
-    | StepDone
-    | ExportDone
-    | CheckpointSaved
-    | UploadDone
-    | WeightsSynced
-    | WorkerFailed,
-    Field(discriminator="type"),
-]
+# The union of all messages, told apart by `type`; built from the tuple so the two never differ.
+AnyMessage = Annotated[Union[MESSAGE_TYPES], Field(discriminator="type")]  # noqa: UP007
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyMessage)
 
 
