@@ -1,48 +1,62 @@
 """Export of the policy as a Hugging Face directory: sharded safetensors, index, config, tokenizer
 (and, for VLMs, the processor files of the source checkpoint).
 
-The export streams. The whole layout (the shard file of each tensor, the safetensors headers,
-every byte offset) is planned up front from shapes and dtypes, which sharded (DTensor) entries
-know without a gather; then the state dict is moved to rank 0 one tensor at a time and rank 0
-writes each piece straight to its place in its shard file. With FSDP2 on the CPU the other ranks
-send their shards point to point (rank 0 writes its own shard while theirs arrive); other
-layouts are all-gathered. Rank 0 never holds more than one tensor's worth of received data
-beyond its own shards, and the other ranks nothing beyond theirs.
-
     path = export_hf(model, source_dir, out_dir)   # on every rank of the policy job
 
-With an FSDP2-sharded model `export_hf` is a collective: every rank calls it, rank 0 writes and
-gets the path, the others get None; a failure on rank 0 is raised on every rank. A plain model in
-a single process (no process group) works the same way. The directory is written as `<out>.tmp`
-and renamed when complete, so a crash never leaves a half export under the final name. It loads
-with `AutoModelForCausalLM.from_pretrained` and vLLM.
+No tensor data crosses the process group. The whole layout (the shard file of each tensor, the
+safetensors headers, every byte offset) is planned up front from shapes and dtypes, which
+sharded (DTensor) entries know without a gather, so every rank can write its part itself:
+
+1. rank 0 makes `<out>.tmp` and every shard file in it at its full size, header written;
+2. every rank writes its own rows of each FSDP2 parameter (sharded on dim 0: a rank's rows are
+   one consecutive byte range of the tensor) at their offsets with `os.pwrite`, starting at a
+   different file than the other ranks; with HSDP the replicas take turns, one per tensor.
+   Entries that are not DTensors are written by rank 0, and a DTensor sharded any other way
+   is all-gathered and written by rank 0, which also writes the index, config and tokenizer;
+3. once every rank has reported success, rank 0 renames `<out>.tmp` to `<out>`.
+
+This needs every rank to see `out_dir` on one shared filesystem (true on one node; on a cluster
+exports and checkpoints already assume it). Rank 0 checks it with a marker file before step 2;
+if some rank does not see the marker, every DTensor is all-gathered to rank 0 instead (correct,
+much slower). No rank holds more than its own shards, plus one gathered tensor when gathering.
+
+With an FSDP2-sharded model `export_hf` is a collective: every rank calls it, rank 0 gets the
+path, the others None; a failure on any rank is raised on every rank. A plain model in a single
+process (no process group) works the same way. Since the directory is renamed only when complete,
+a failed export never leaves a half export under the final name, nor touches a previous one. It
+loads with `AutoModelForCausalLM.from_pretrained` and vLLM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import math
+import os
 import re
 import shutil
 import struct
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from huggingface_hub import try_to_load_from_cache
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger("gantry.policy")
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
+MARKER_NAME = ".export-id"  # in <out>.tmp while the ranks write: proves they share its filesystem
 # Files a VLM's processor loads from; copied as files (AutoProcessor would need torchvision).
 PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -89,8 +103,13 @@ class ExportStats:
     shards: int = 0
     total_bytes: int = 0
     largest_tensor_bytes: int = 0
-    peak_held_bytes: int = 0  # most bytes of received or gathered tensors alive at once
+    # Most bytes of tensors the export itself allocated on rank 0 alive at once (gathered
+    # tensors, host copies of device shards): 0 when every rank writes its shards in place.
+    peak_held_bytes: int = 0
     seconds: float = 0.0
+
+
+Piece = tuple[int, torch.Tensor]  # (byte offset in the full tensor, the part written there)
 
 
 def export_hf(
@@ -109,35 +128,29 @@ def export_hf(
     file (bytes, or a string such as "2GB"); a tensor larger than that gets a file of its own.
     """
     started = time.perf_counter()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    skip = tied_weight_names(model)
-    if rank != 0:
-        send_shards(model, skip)
-        if not _rank0_succeeded(True):
-            raise RuntimeError(f"export to {out_dir} failed on rank 0; see rank 0's error")
+    out_dir = Path(out_dir)
+    entries = state_entries(model, tied_weight_names(model))
+    shards = plan_shards(specs_of(entries), parse_size(max_shard_size))
+    files = ShardFiles(out_dir.with_name(out_dir.name + ".tmp"), shards)
+    held = HeldBytes()
+    pieces = _pieces_to_write(entries, files, out_dir)
+    written, error = _write_part(model, entries, pieces, files, source_dir, held)
+    _raise_if_failed(files, written, error, out_dir)
+    _on_rank0(lambda: files.publish(out_dir), out_dir)
+    if _rank() != 0:
         return None
     stats = stats if stats is not None else ExportStats()
-    held = HeldBytes()
-    tensors = tensors_on_rank0(model, skip, held)
-    try:
-        specs = state_specs(model, skip)
-        shards = plan_shards(specs, parse_size(max_shard_size))
-        path = _write_export(model, tensors, shards, source_dir, Path(out_dir), stats)
-    except Exception:
-        # The other ranks are still sending: receive the rest so nobody hangs, then tell them.
-        for _ in tensors:
-            pass
-        _rank0_succeeded(False)
-        raise
-    _rank0_succeeded(True)
+    stats.path, stats.tensors, stats.shards = out_dir, len(entries), len(shards)
+    stats.total_bytes = files.total_bytes
+    stats.largest_tensor_bytes = max((s.nbytes for s in files.specs()), default=0)
     stats.peak_held_bytes = held.peak
     stats.seconds = time.perf_counter() - started
     log.info(
         "exported %s: %d tensors, %d shards, %.1f MB in %.2fs (peak %.1f MB held)",
-        path, stats.tensors, stats.shards, stats.total_bytes / 1e6, stats.seconds,
+        out_dir, stats.tensors, stats.shards, stats.total_bytes / 1e6, stats.seconds,
         stats.peak_held_bytes / 1e6,
     )  # fmt: skip
-    return path
+    return out_dir
 
 
 def tied_weight_names(model: PreTrainedModel) -> frozenset[str]:
@@ -154,22 +167,20 @@ def tied_weight_names(model: PreTrainedModel) -> frozenset[str]:
     return frozenset({"lm_head.weight"}) if ties else frozenset()
 
 
-def state_specs(model: torch.nn.Module, skip: frozenset[str] = frozenset()) -> list[TensorSpec]:
-    """Name, global shape and dtype of each state-dict entry, in state-dict order; a DTensor
-    reports its global shape without a gather."""
-    return [
-        TensorSpec(name, tuple(value.shape), value.dtype)
-        for name, value in model.state_dict().items()
-        if name not in skip
-    ]
+def state_entries(
+    model: torch.nn.Module, skip: frozenset[str] = frozenset()
+) -> list[tuple[str, torch.Tensor]]:
+    """(name, value) of each state-dict entry to export, in state-dict order (DTensors as such)."""
+    return [(name, value) for name, value in model.state_dict().items() if name not in skip]
+
+
+def specs_of(entries: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    """Name, global shape and dtype of each entry; a DTensor reports its shape without a gather."""
+    return [TensorSpec(name, tuple(value.shape), value.dtype) for name, value in entries]
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Consecutive runs of tensors, each at most `max_shard_bytes` (a larger tensor alone).
-
-    Unlike huggingface_hub's splitter, a shard is always a consecutive run, so shards complete
-    one after the other as the tensors stream in.
-    """
+    """Consecutive runs of tensors, each at most `max_shard_bytes` (a larger tensor alone)."""
     shards: list[list[TensorSpec]] = []
     current: list[TensorSpec] = []
     size = 0
@@ -196,198 +207,180 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * base ** ("KMGT".index(unit[0]) + 1))
 
 
-# --- moving the tensors to rank 0 ----------------------------------------------------------
-# gloo's all-gather moves ~0.2-0.4 GB/s on the project's machines, its send/recv ~1.5 GB/s, and
-# only rank 0 needs the tensors: FSDP2 shards on the CPU are sent point to point. Anything else
-# (other placements, GPU tensors, where NCCL's all-gather is fast) is all-gathered.
-Pieces = Iterator[tuple[int, torch.Tensor]]  # (byte offset in the full tensor, CPU tensor)
-Receives = list[tuple[int, "dist.Work", torch.Tensor]]  # (byte offset, pending recv, buffer)
+# --- the steps of a collective export ---------------------------------------------------
+# Between two collectives nothing may raise on one rank only (the others would wait for it
+# until the process group's timeout): failures are caught and reported in the next collective.
 
 
-def tensors_on_rank0(
-    model: torch.nn.Module, skip: frozenset[str], held: HeldBytes
-) -> Iterator[tuple[str, Pieces]]:
-    """Rank 0's side: (name, pieces covering the full tensor) for each state-dict entry, in
-    state-dict order. The other ranks must run `send_shards` at the same time.
-
-    Receives run one tensor ahead: while rank 0 writes tensor i, the peers' shards of tensor
-    i+1 are already coming, as long as both fit in one tensor's worth of memory (the largest).
-    """
-    entries = shard_rows(model, skip)
-    rows = [row for _, _, row in entries]
-    budget = max((v.numel() * v.element_size() for _, v, _ in entries), default=0)
-    posted: dict[int, Receives] = {}
-
-    def post(i: int, *, ahead: bool) -> None:
-        if i >= len(entries) or rows[i] is None or i in posted:
-            return
-        value = entries[i][1]
-        incoming = value.numel() * value.element_size() * (len(rows[i]) - 1) // len(rows[i])
-        if not ahead or held.now + incoming <= budget:
-            posted[i] = _post_receives(value, rows[i], held)
-
-    for i, (name, value, row) in enumerate(entries):
-        if row is None:
-            pieces = _gathered(value, held)
-        else:
-            post(i, ahead=False)
-            pieces = _received(value, posted.pop(i), lambda i=i: post(i + 1, ahead=True))
-        yield name, pieces
-        for _ in pieces:  # what a failed consumer left: the peers send it all the same
-            pass
+def _pieces_to_write(
+    entries: list[tuple[str, torch.Tensor]], files: ShardFiles, out_dir: Path
+) -> dict[int, list[Piece]]:
+    """Step 1: rank 0 creates the files; then, by entry index, the pieces this rank writes in
+    place. Entries left out are all-gathered: DTensors not in rows (`in_rows`), and every
+    DTensor unless all ranks see rank 0's files and hold the shards DTensor's layout says."""
+    export_id = _on_rank0(files.create, out_dir)
+    rank = _rank()
+    pieces = {
+        i: own_pieces(i, value, rank)
+        for i, (_, value) in enumerate(entries)
+        if not isinstance(value, DTensor) or in_rows(value)
+    }
+    sees = rank == 0 or files.sees(export_id)
+    fits = all(p is not None for p in pieces.values())
+    sees, fits = _combine([int(sees), int(fits)], "min")
+    if sees and fits:
+        return pieces
+    if rank == 0:
+        why = (
+            "some rank's shards are not where DTensor's layout says"
+            if sees
+            else f"some rank does not see {files.out_dir} (give out_dir on a filesystem all share)"
+        )
+        log.warning("export: %s; all-gathering every sharded tensor to rank 0 instead", why)
+    return {i: p for i, p in pieces.items() if not isinstance(entries[i][1], DTensor)}
 
 
-def send_shards(model: torch.nn.Module, skip: frozenset[str]) -> None:
-    """The other ranks' side of `tensors_on_rank0`: send (or all-gather) each shard."""
-    rank = dist.get_rank()
-    for _, value, row in shard_rows(model, skip):
-        if row is None:
-            if isinstance(value, DTensor):
-                value.full_tensor()  # the all-gather rank 0 takes part in
-            continue
-        shapes = _chunk_shapes(value, len(row))
-        position = row.index(rank) if rank in row else len(shapes)  # another replica: idle
-        if position < len(shapes) and shapes[position].numel() > 0:
-            dist.send(value.to_local().detach().contiguous(), dst=0)
+def in_rows(value: DTensor) -> bool:
+    """Whether each rank's part of `value` is one run of whole rows, consecutive bytes of the
+    full tensor: sharded on dim 0 only (FSDP2's Shard(0)), replicated otherwise (HSDP)."""
+    return all((type(p) is Shard and p.dim == 0) or p.is_replicate() for p in value.placements)
 
 
-def shard_rows(
-    model: torch.nn.Module, skip: frozenset[str]
-) -> list[tuple[str, torch.Tensor, list[int] | None]]:
-    """(name, value, ranks that send rank 0 its dim-0 shards, or None to all-gather it) for
-    each entry to export. A collective when any entry is sent point to point: every rank checks
-    that its shards are where torch.chunk puts them (what rank 0 plans with), and unless all
-    agree, everything is all-gathered instead, so a layout surprise costs speed, not data."""
-    entries = [
-        (name, value, _dim0_shard_row(value))
-        for name, value in model.state_dict().items()
-        if name not in skip
-    ]
-    if all(row is None for _, _, row in entries):  # the same on every rank: no collective
-        return entries
-    rank = dist.get_rank()
-    ok = all(row is None or _chunk_of(value, row, rank) for _, value, row in entries)
-    flag = torch.tensor([1 if ok else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if flag.item():
-        return entries
-    log.warning("export: FSDP2 shards are not torch.chunk's split; all-gathering instead")
-    return [(name, value, None) for name, value, _ in entries]
-
-
-def _chunk_of(value: DTensor, row: list[int], rank: int) -> bool:
-    """Whether this rank's shard has the shape torch.chunk gives its place in the row."""
-    if rank not in row:
-        return True
-    shapes = _chunk_shapes(value, len(row))
-    position = row.index(rank)
-    expected = shapes[position] if position < len(shapes) else (0, *value.shape[1:])
-    return tuple(value.to_local().shape) == tuple(expected)
-
-
-def _gathered(value: torch.Tensor, held: HeldBytes) -> Pieces:
-    full = value.full_tensor() if isinstance(value, DTensor) else value.detach()
-    held.track(full)
-    yield 0, full
-
-
-def _received(value: DTensor, receives: Receives, post_next: Callable[[], None]) -> Pieces:
-    """Rank 0's own shard first, written while the peers' arrive; then theirs."""
-    yield 0, value.to_local().detach()
-    post_next()
-    for offset, work, buffer in receives:
-        work.wait()
-        yield offset, buffer
-
-
-def _post_receives(value: DTensor, row: list[int], held: HeldBytes) -> Receives:
-    """Start receiving the peers' shards of `value`, each into its own buffer."""
-    shapes = _chunk_shapes(value, len(row))
-    local = value.to_local()  # its shape checked by shard_rows
-    receives, offset = [], local.numel() * local.element_size()
-    for peer, shape in zip(row[1:], shapes[1:], strict=False):
-        if shape.numel() > 0:
-            buffer = torch.empty(shape, dtype=value.dtype)
-            held.track(buffer)
-            receives.append((offset, dist.irecv(buffer, src=peer), buffer))
-            offset += buffer.numel() * buffer.element_size()
-    return receives
-
-
-def _dim0_shard_row(value: torch.Tensor) -> list[int] | None:
-    """Global ranks holding the shards of rank 0's replica, for a CPU DTensor (under gloo)
-    sharded on dim 0 along one mesh dim (FSDP2) and replicated along the others (HSDP); None
-    otherwise. Dim-0 shards are consecutive byte ranges of the full tensor: written as they are."""
-    if not isinstance(value, DTensor) or value.device.type != "cpu":
+def own_pieces(index: int, value: torch.Tensor, rank: int) -> list[Piece] | None:
+    """What this rank writes of entry `index`: all of a plain tensor on rank 0; of a DTensor in
+    rows, its local rows if its replica is the one writing this entry (replicas take turns).
+    None if the local shard is not the one DTensor's layout puts on this rank."""
+    if not isinstance(value, DTensor):
+        return [(0, value.detach())] if rank == 0 else []
+    mesh, placements = value.device_mesh, value.placements
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # not in this tensor's mesh
+        return []
+    replica, replicas = 0, 1
+    for dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            replica = replica * mesh.size(dim) + coordinate[dim]
+            replicas *= mesh.size(dim)
+    shape, offset = compute_local_shape_and_global_offset(value.shape, mesh, placements)
+    local = value.to_local().detach()
+    if tuple(local.shape) != tuple(shape):
         return None
-    if "gloo" not in dist.get_backend():  # CPU-offloaded shards under NCCL: NCCL has no CPU p2p
-        return None
-    placements = value.placements
-    sharded = [i for i, p in enumerate(placements) if p.is_shard()]
-    if len(sharded) != 1 or not all(p.is_shard() or p.is_replicate() for p in placements):
-        return None
-    if placements[sharded[0]].dim != 0:
-        return None
-    ranks = value.device_mesh.mesh
-    if ranks.flatten()[0].item() != 0:  # rank 0 must hold the first shard of its replica
-        return None
-    index = [0] * ranks.ndim
-    index[sharded[0]] = slice(None)
-    return ranks[tuple(index)].tolist()
+    if replica != index % replicas or local.numel() == 0:
+        return []
+    row_bytes = math.prod(value.shape[1:]) * value.dtype.itemsize
+    return [(offset[0] * row_bytes if offset else 0, local)]
 
 
-def _chunk_shapes(value: torch.Tensor, parts: int) -> list[torch.Size]:
-    """The shards' shapes: torch.chunk's split on dim 0, as FSDP2 and DTensor's Shard(0) make
-    them (the last ones may be smaller, or missing when dim 0 has fewer rows than ranks)."""
-    return [c.shape for c in torch.empty(value.shape, device="meta").chunk(parts, 0)]
-
-
-def _write_export(
+def _write_part(
     model: PreTrainedModel,
-    tensors: Iterator[tuple[str, Pieces]],
-    shards: list[list[TensorSpec]],
+    entries: list[tuple[str, torch.Tensor]],
+    pieces: dict[int, list[Piece]],
+    files: ShardFiles,
     source_dir: str | Path,
-    out_dir: Path,
-    stats: ExportStats,
-) -> Path:
-    """Rank 0's part: stream the tensors into `<out>.tmp`, add the metadata, rename."""
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
-    writer = StreamingShardWriter(tmp_dir, shards)
-    for name, pieces in tensors:
-        writer.write_pieces(name, pieces)
-    writer.close()
-    _write_metadata(model, shards, source_dir, tmp_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp_dir.rename(out_dir)
-    stats.path = out_dir
-    stats.tensors = sum(len(shard) for shard in shards)
-    stats.shards = len(shards)
-    stats.total_bytes = writer.total_bytes
-    stats.largest_tensor_bytes = max((s.nbytes for shard in shards for s in shard), default=0)
-    return out_dir
+    held: HeldBytes,
+) -> tuple[int, Exception | None]:
+    """Step 2: write this rank's pieces, then take part in the all-gathers of the other entries
+    (in state-dict order on every rank); rank 0 also writes the index and metadata. Returns
+    (tensor bytes written, the error if any): after a failure this rank writes nothing more but
+    still joins the all-gathers, so that no rank hangs."""
+    rank = _rank()
+    gathers = [i for i in range(len(entries)) if i not in pieces]
+    written, gathered = 0, 0
+    try:
+        for i in files.write_order(pieces, rank, _world()):
+            written += sum(files.write(entries[i][0], p, offset, held) for offset, p in pieces[i])
+        for i in gathers:
+            mine = _gathered(entries[i][1], rank, held)
+            gathered += 1
+            written += sum(files.write(entries[i][0], p, offset, held) for offset, p in mine)
+            del mine
+        if rank == 0:
+            files.write_index()
+            _write_metadata(model, files.shards, source_dir, files.out_dir)
+        files.close()
+    except Exception as err:  # raised on every rank once all know (`_raise_if_failed`)
+        files.abandon()
+        for i in gathers[gathered:]:
+            _gathered(entries[i][1], rank, HeldBytes())
+        return written, err
+    return written, None
 
 
-def _rank0_succeeded(ok: bool) -> bool:
-    """Rank 0 tells every rank whether it wrote the export (a no-op without other ranks)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return ok
+def _gathered(value: DTensor, rank: int, held: HeldBytes) -> list[Piece]:
+    """All-gather `value` (a collective): rank 0 writes all of it, the others nothing."""
+    full = value.full_tensor()
+    if rank != 0:
+        return []
+    held.track(full)
+    return [(0, full)]
+
+
+def _raise_if_failed(
+    files: ShardFiles, written: int, error: Exception | None, out_dir: Path
+) -> None:
+    """Step 3's check, a collective: whether every rank wrote its part. If not, rank 0 removes
+    `<out>.tmp` and every rank raises (its own error, or one naming the ranks that failed)."""
+    rank, world = _rank(), _world()
+    failed = [int(error is not None and r == rank) for r in range(world)]
+    total, *failed = _combine([written, *failed], "sum")
+    if not any(failed) and total == files.total_bytes:
+        return
+    if rank == 0:
+        shutil.rmtree(files.out_dir, ignore_errors=True)  # a failed export's debris, if it can
+    if error is not None:
+        raise error
+    if any(failed):
+        ranks = [r for r, f in enumerate(failed) if f]
+        raise RuntimeError(f"export to {out_dir} failed on rank(s) {ranks}; see their errors")
+    raise RuntimeError(f"export to {out_dir}: {total} of {files.total_bytes} bytes were written")
+
+
+def _on_rank0(action: Callable[[], int], out_dir: Path) -> int:
+    """Rank 0 runs `action` (returning a non-zero int) and every rank gets its result; a
+    failure on rank 0 is raised on every rank."""
+    result, error = 0, None
+    if _rank() == 0:
+        try:
+            result = action()
+        except Exception as err:  # raised below, once the other ranks know
+            error = err
+    (result,) = _combine([result], "broadcast")
+    if error is not None:
+        raise error
+    if result == 0:
+        raise RuntimeError(f"export to {out_dir} failed on rank 0; see rank 0's error")
+    return result
+
+
+def _combine(values: list[int], op: str) -> list[int]:
+    """`values` broadcast from rank 0 ("broadcast") or reduced over every rank ("sum", "min");
+    unchanged without a process group."""
+    if _world() == 1:
+        return values
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend() == "nccl"
         else torch.device("cpu")
     )
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    if op == "broadcast":
+        dist.broadcast(tensor, src=0)
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return tensor.tolist()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class HeldBytes:
-    """Bytes of received or gathered tensors alive at once on rank 0, counted from allocation
-    to release with finalizers: what the export really holds, leaks included."""
+    """Bytes of tensors the export allocated (gathered tensors, host copies) alive at once,
+    counted from allocation to release with finalizers: what it really holds, leaks included."""
 
     def __init__(self) -> None:
         self.now = 0
@@ -403,13 +396,11 @@ class HeldBytes:
         self.now -= nbytes
 
 
-class StreamingShardWriter:
-    """Writes planned safetensors shards tensor by tensor, each straight to its byte offset.
-
-    Each shard's header (names, dtypes, shapes, offsets) is written when its first tensor
-    arrives; the file is closed when its last one has. The data layout orders tensors by
-    decreasing element size, as safetensors' own writer does, so every tensor is aligned.
-    """
+class ShardFiles:
+    """The planned safetensors files of an export, in `out_dir`: each tensor's place, and writes
+    of any piece of a tensor straight to its place with `os.pwrite`, from any rank (each opens
+    the files itself). The data section orders tensors by decreasing element size, as
+    safetensors' own writer does, so every tensor is aligned."""
 
     def __init__(self, out_dir: Path, shards: list[list[TensorSpec]]) -> None:
         if sys.byteorder != "little":
@@ -418,66 +409,95 @@ class StreamingShardWriter:
         self.filenames = [
             SHARD_NAME.format(index=i + 1, total=len(shards)) for i in range(len(shards))
         ]
-        self.where = {spec.name: (i, spec) for i, shard in enumerate(shards) for spec in shard}
-        self.remaining = [len(shard) for shard in shards]
-        self.open_files: dict[int, tuple] = {}  # shard -> (file, data start, offsets)
-        self.total_bytes = 0
+        self.headers: list[tuple[bytes, int]] = []  # (header, file size)
+        self.places: dict[str, tuple[int, int, TensorSpec]] = {}  # name: (file, start, spec)
+        for i, shard in enumerate(shards):
+            header, offsets, data_bytes = safetensors_header(shard)
+            self.headers.append((header, len(header) + data_bytes))
+            for spec in shard:
+                self.places[spec.name] = (i, len(header) + offsets[spec.name], spec)
+        self.total_bytes = sum(spec.nbytes for spec in self.specs())
+        self.fds: dict[int, int] = {}  # file: descriptor, opened at its first write
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one whole tensor."""
-        spec = self.where[name][1] if name in self.where else None
-        if spec is not None and tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"export: {name} is {tuple(tensor.shape)}, planned as {spec.shape}")
-        self.write_pieces(name, [(0, tensor)])
+    def specs(self) -> Iterable[TensorSpec]:
+        return (spec for shard in self.shards for spec in shard)
 
-    def write_pieces(self, name: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
-        """Write one tensor given as (byte offset, piece) parts that together cover it."""
-        if name not in self.where:
+    def write_order(self, pieces: dict[int, list[Piece]], rank: int, world: int) -> list[int]:
+        """The entries (numbered in planned order) that `pieces` has, in order but starting at
+        the file `rank` / `world` of the way in: a filesystem takes a file's lock for each
+        buffered write, so ranks that write different files at a time write in parallel."""
+        files = [i for i, shard in enumerate(self.shards) for _ in shard]
+        first = rank * len(self.shards) // world
+        return sorted(pieces, key=lambda i: ((files[i] - first) % len(self.shards), i))
+
+    def create(self) -> int:
+        """Rank 0: make `out_dir` anew with every file at its exact size (what safetensors
+        checks on load), headers written, and a marker with a new export id, returned."""
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        self.out_dir.mkdir(parents=True)
+        for filename, (header, size) in zip(self.filenames, self.headers, strict=True):
+            with (self.out_dir / filename).open("wb") as file:
+                file.write(header)
+                file.truncate(size)
+        export_id = int.from_bytes(os.urandom(7), "little") + 1
+        (self.out_dir / MARKER_NAME).write_text(str(export_id))
+        return export_id
+
+    def sees(self, export_id: int) -> bool:
+        """Whether this rank sees the files rank 0 created (they share a filesystem)."""
+        try:
+            return (self.out_dir / MARKER_NAME).read_text() == str(export_id)
+        except OSError:
+            return False
+
+    def write(
+        self, name: str, piece: torch.Tensor, offset: int = 0, held: HeldBytes | None = None
+    ) -> int:
+        """Write `piece` (on any device) at byte `offset` of tensor `name`; returns its bytes."""
+        if name not in self.places:
             raise RuntimeError(f"export: got tensor {name!r}, which is not in the planned layout")
-        index, spec = self.where.pop(name)
-        if index not in self.open_files:
-            self.open_files[index] = self._open(index)
-        file, data_start, offsets = self.open_files[index]
-        written = 0
-        for offset, piece in pieces:
-            nbytes = piece.numel() * piece.element_size()
-            if piece.dtype != spec.dtype or offset + nbytes > spec.nbytes:
-                raise RuntimeError(
-                    f"export: {name}: a {piece.dtype} piece of {nbytes} bytes at {offset} does "
-                    f"not fit the planned {spec.dtype} tensor of {spec.nbytes} bytes"
-                )
-            file.seek(data_start + offsets[name] + offset)
-            file.write(_raw_bytes(piece))
-            written += nbytes
-        if written != spec.nbytes:
-            raise RuntimeError(f"export: {name}: {written} of its {spec.nbytes} bytes came")
-        self.total_bytes += written
-        self.remaining[index] -= 1
-        if self.remaining[index] == 0:
-            self.open_files.pop(index)[0].close()
-
-    def _open(self, index: int) -> tuple:
-        header, offsets, data_bytes = safetensors_header(self.shards[index])
-        file = (self.out_dir / self.filenames[index]).open("wb")
-        file.write(header)
-        file.truncate(len(header) + data_bytes)  # the exact size safetensors checks on load
-        return file, len(header), offsets
+        file, start, spec = self.places[name]
+        nbytes = piece.numel() * piece.element_size()
+        if piece.dtype != spec.dtype or offset + nbytes > spec.nbytes:
+            raise RuntimeError(
+                f"export: {name}: a {piece.dtype} piece of {nbytes} bytes at {offset} does "
+                f"not fit the planned {spec.dtype} tensor of {spec.nbytes} bytes"
+            )
+        if file not in self.fds:
+            self.fds[file] = os.open(self.out_dir / self.filenames[file], os.O_WRONLY)
+        data, position = memoryview(_host_bytes(piece, held)), start + offset
+        while data:  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
+            count = os.pwrite(self.fds[file], data, position)
+            data, position = data[count:], position + count
+        return nbytes
 
     def close(self) -> None:
-        """Check every planned tensor was written, then write the index."""
-        for file, _, _ in self.open_files.values():
-            file.close()
-        if self.where:
-            missing = sorted(self.where)[:5]
-            raise RuntimeError(f"export: {len(self.where)} planned tensors never came: {missing}")
-        weight_map = {
-            spec.name: self.filenames[i] for i, shard in enumerate(self.shards) for spec in shard
-        }
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+    def abandon(self) -> None:
+        """After a failure: close what is open; errors ignored (the export has failed already)."""
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+    def write_index(self) -> None:
+        weight_map = {name: self.filenames[i] for name, (i, _, _) in self.places.items()}
         index = {
             "metadata": {"total_size": self.total_bytes},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def publish(self, final: Path) -> int:
+        """Rank 0, once every rank has written its part: put the export at `final`."""
+        (self.out_dir / MARKER_NAME).unlink()
+        if final.exists():
+            shutil.rmtree(final)
+        self.out_dir.rename(final)
+        return 1
 
 
 def safetensors_header(shard: list[TensorSpec]) -> tuple[bytes, dict[str, int], int]:
@@ -502,10 +522,12 @@ def safetensors_header(shard: list[TensorSpec]) -> tuple[bytes, dict[str, int], 
     return struct.pack("<Q", len(header)) + header, offsets, position
 
 
-def _raw_bytes(tensor: torch.Tensor):
-    """The tensor's bytes without a copy where it is already contiguous on the CPU (a uint8
-    view: numpy has no bfloat16)."""
+def _host_bytes(tensor: torch.Tensor, held: HeldBytes | None):
+    """The tensor's bytes in host memory, as a uint8 array (numpy has no bfloat16): no copy
+    where the tensor is already contiguous on the CPU; a copy is counted in `held`."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if held is not None and flat.data_ptr() != tensor.data_ptr():
+        held.track(flat)
     return flat.view(torch.uint8).numpy()
 
 

@@ -1,9 +1,11 @@
 """The safetensors export loads with transformers and gives the trained model's logits, from one
-process and from an FSDP2-sharded model on gloo ranks (2, 3, HSDP 2x2), holding at most one
-tensor's worth of received data at a time."""
+process and from an FSDP2-sharded model on gloo ranks (2, 3, HSDP 2x2) whose ranks write their
+own rows in place (nothing gathered), or all-gather when they cannot; a failure on any rank is
+raised on every rank and leaves the previous export in place."""
 
 import json
 import shutil
+import textwrap
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from gantry.checkpoints import prune_step_dirs
 from policy.export import (
     INDEX_NAME,
     ExportStats,
-    StreamingShardWriter,
+    ShardFiles,
     TensorSpec,
     export_hf,
     parse_size,
@@ -65,12 +67,12 @@ def test_single_shard_export_still_has_an_index(tmp_path, tiny_model_dir):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_single_process_export_holds_one_tensor_at_a_time(tmp_path, tiny_model_dir):
+def test_single_process_export_copies_no_tensor(tmp_path, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     stats = ExportStats()
     export_hf(model, tiny_model_dir, tmp_path / "e", max_shard_size=300_000, stats=stats)
     assert stats.shards > 2 and stats.total_bytes > 4 * stats.largest_tensor_bytes
-    assert stats.peak_held_bytes == stats.largest_tensor_bytes
+    assert stats.peak_held_bytes == 0  # written from the parameters' own memory
 
 
 def test_export_keeps_the_weights_dtype_and_copies_processor_files(tmp_path, tiny_model_dir):
@@ -115,7 +117,7 @@ def test_plan_keeps_shards_consecutive_and_bounded():
     ]  # fmt: skip
 
 
-def test_streamed_shards_load_with_safetensors_in_any_arrival_order(tmp_path):
+def test_shard_files_written_in_pieces_in_any_order_load_with_safetensors(tmp_path):
     torch.manual_seed(0)
     state = {  # mixed element sizes with odd counts: the layout must keep each tensor aligned
         "a.bf16": torch.randn(3, 5).to(torch.bfloat16),
@@ -127,15 +129,23 @@ def test_streamed_shards_load_with_safetensors_in_any_arrival_order(tmp_path):
     }
     specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in state.items()]
     shards = plan_shards(specs, max_shard_bytes=64)
-    writer = StreamingShardWriter(tmp_path, shards)
+    files = ShardFiles(tmp_path / "out", shards)
+    files.create()
     for name in reversed(state):
-        writer.write(name, state[name])
-    writer.close()
-    loaded = _load_shards(tmp_path)
+        if name == "a.bf16":  # as two ranks would: rows 0-1, then row 2 at its byte offset
+            files.write(name, state[name][2:], offset=2 * 5 * 2)
+            files.write(name, state[name][:2])
+        else:
+            files.write(name, state[name])
+    files.close()
+    files.write_index()
+    files.publish(tmp_path / "final")
+    loaded = _load_shards(tmp_path / "final")
     assert set(loaded) == set(state)
     for name, tensor in state.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
-    for path in tmp_path.glob("*.safetensors"):
+    assert not (tmp_path / "final" / ".export-id").exists()
+    for path in (tmp_path / "final").glob("*.safetensors"):
         with safe_open(path, framework="pt") as f:
             assert f.metadata() == {"format": "pt"}
 
@@ -158,20 +168,21 @@ def test_prune_keeps_the_newest_step_exports(tmp_path):
     assert prune_step_dirs(tmp_path, keep=-1, complete_only=False) == []
 
 
-# --- FSDP2 on 2 gloo ranks ------------------------------------------------------------------
+# --- FSDP2 on gloo ranks --------------------------------------------------------------------
 
 RANK_SCRIPT = """
-import json, os, sys
+import errno, json, os, sys
+from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from policy.export import ExportStats, export_hf
+from policy.export import ExportStats, ShardFiles, export_hf
 from policy.parallel import (
     ParallelDims, ShardingOptions, build_mesh, init_distributed, load_sharded_model,
 )
 
 model_dir, out_dir, ref_path, stats_path, max_shard, dtype_name, replicas, mode = sys.argv[1:9]
-dtype, replicas = getattr(torch, dtype_name), int(replicas)
+dtype, replicas, max_shard = getattr(torch, dtype_name), int(replicas), int(max_shard)
 env = init_distributed(timeout_s=120)
 dims = ParallelDims(dp_replicate=replicas, dp_shard=env.world_size // replicas)
 mesh = build_mesh(dims, env.device)
@@ -187,16 +198,41 @@ reference = get_model_state_dict(
 if env.rank == 0:
     torch.save(reference, ref_path)
 del reference
-stats = ExportStats()
-if mode == "fail":  # rank 0 cannot write there: every rank must raise, none may hang
+
+
+def expect_failure():
     try:
-        export_hf(model, model_dir, out_dir, max_shard_size=int(max_shard))
+        export_hf(model, model_dir, out_dir, max_shard_size=max_shard)
     except (OSError, RuntimeError) as err:
-        print(f"rank {env.rank} raised {type(err).__name__}", flush=True)
+        print(f"rank {env.rank} raised {type(err).__name__}: {err}", flush=True)
     else:
         raise SystemExit(f"rank {env.rank}: the export did not fail")
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+if mode == "fail":  # rank 0 cannot write there: every rank must raise, none may hang
+    expect_failure()
+elif mode == "fail-last-rank":  # the last rank's disk is full: all raise, the old export stays
+    first = export_hf(model, model_dir, out_dir, max_shard_size=max_shard)
+    before = {p.name: p.read_bytes() for p in first.iterdir()} if env.rank == 0 else None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    if env.rank == env.world_size - 1:
+        ShardFiles.write = full_disk
+    expect_failure()
+    if env.rank == 0:
+        after = {p.name: p.read_bytes() for p in Path(out_dir).iterdir()}
+        debris = Path(out_dir + ".tmp").exists()
+        print(f"previous export intact: {after == before and not debris}", flush=True)
 else:
-    path = export_hf(model, model_dir, out_dir, max_shard_size=int(max_shard), stats=stats)
+    if mode == "unshared" and env.rank != 0:  # as if out_dir were on this rank's own disk
+        ShardFiles.sees = lambda self, export_id: False
+    stats = ExportStats()
+    path = export_hf(model, model_dir, out_dir, max_shard_size=max_shard, stats=stats)
     assert (path is not None) == (env.rank == 0), (env.rank, path)
     if env.rank == 0:
         stats.path = str(stats.path)
@@ -229,34 +265,38 @@ def odd_vocab_model_dir(tmp_path_factory, tiny_model_dir):
     return path
 
 
-SHARDED_CASES = {  # name: (tied, dtype, ranks, replicas)
-    "2-ranks-fp32-odd-vocab": (False, "float32", 2, 1),
-    "2-ranks-tied-bf16": (True, "bfloat16", 2, 1),
-    "3-ranks-fp32-odd-vocab": (False, "float32", 3, 1),
-    "hsdp-2x2-fp32": (False, "float32", 4, 2),
+SHARDED_CASES = {  # name: (tied, dtype, ranks, replicas, mode)
+    "2-ranks-fp32-odd-vocab": (False, "float32", 2, 1, "export"),
+    "2-ranks-tied-bf16": (True, "bfloat16", 2, 1, "export"),
+    "3-ranks-fp32-odd-vocab": (False, "float32", 3, 1, "export"),
+    "hsdp-2x2-fp32": (False, "float32", 4, 2, "export"),
+    "2-ranks-unshared-fs-gathers": (False, "float32", 2, 1, "unshared"),
 }
 
 
 @pytest.fixture(scope="module", params=list(SHARDED_CASES))
 def sharded_export(request, tmp_path_factory, odd_vocab_model_dir, tiny_tied_model_dir):
-    """Export an FSDP2 model trained one step; (source, export, reference, stats, case)."""
-    tied, dtype, ranks, replicas = SHARDED_CASES[request.param]
+    """Export an FSDP2 model trained one step; (source, export, reference, stats, tied, dtype,
+    whether it gathered)."""
+    tied, dtype, ranks, replicas, mode = SHARDED_CASES[request.param]
     source = tiny_tied_model_dir if tied else odd_vocab_model_dir
     tmp = tmp_path_factory.mktemp("sharded-export")
     script = tmp / "rank.py"
     script.write_text(RANK_SCRIPT)
     out, ref, stats = tmp / "export", tmp / "reference.pt", tmp / "stats.json"
-    args = [source, out, ref, stats, MAX_SHARD, dtype, replicas, "export"]
+    args = [source, out, ref, stats, MAX_SHARD, dtype, replicas, mode]
     result = run_ranks(script, ranks, args, timeout=240)
-    assert "all-gathering instead" not in result.stderr  # the shards came point to point
-    return source, out, torch.load(ref), json.loads(stats.read_text()), tied, dtype
+    gathered = mode == "unshared"
+    assert ("all-gathering every sharded tensor" in result.stderr) == gathered, result.stderr
+    return source, out, torch.load(ref), json.loads(stats.read_text()), tied, dtype, gathered
 
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_sharded_export_gives_the_trained_models_logits(sharded_export):
-    source, out, reference, _, tied, dtype = sharded_export
+    source, out, reference, _, tied, dtype, _ = sharded_export
     assert not out.with_name("export.tmp").exists()
+    assert not (out / ".export-id").exists()
     exported = _load_shards(out)
     assert ("lm_head.weight" in exported) is not tied
     assert set(exported) == set(reference) - ({"lm_head.weight"} if tied else set())
@@ -276,16 +316,15 @@ def test_sharded_export_gives_the_trained_models_logits(sharded_export):
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-def test_sharded_export_holds_one_gathered_tensor_at_a_time(sharded_export):
-    _, out, _, stats, _, _ = sharded_export
+def test_sharded_export_holds_nothing_beyond_the_shards(sharded_export):
+    _, out, _, stats, _, _, gathered = sharded_export
     index = json.loads((out / INDEX_NAME).read_text())
     assert stats["shards"] == len(set(index["weight_map"].values())) > 2
     assert stats["total_bytes"] == index["metadata"]["total_size"]
-    # The contract: never more than one shard plus one tensor. The streamed writer does better:
-    # rank 0 holds its own shards plus at most one tensor's worth of received shards.
-    assert stats["peak_held_bytes"] <= MAX_SHARD + stats["largest_tensor_bytes"]
-    assert 0 < stats["peak_held_bytes"] <= stats["largest_tensor_bytes"]
-    assert stats["total_bytes"] > 8 * stats["peak_held_bytes"]
+    if gathered:  # the fallback: one full tensor at a time on rank 0
+        assert 0 < stats["peak_held_bytes"] <= stats["largest_tensor_bytes"]
+    else:  # every rank wrote its own rows from the shard's memory
+        assert stats["peak_held_bytes"] == 0
 
 
 @pytest.mark.dist
@@ -298,3 +337,85 @@ def test_a_failure_on_rank_0_is_raised_on_every_rank(tmp_path, tiny_model_dir):
     args = [tiny_model_dir, blocker / "export", tmp_path / "r.pt", tmp_path / "s.json"]
     result = run_ranks(script, 2, [*args, MAX_SHARD, "float32", 1, "fail"], timeout=240)
     assert "rank 0 raised" in result.stdout and "rank 1 raised RuntimeError" in result.stdout
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_a_failure_on_another_rank_is_raised_on_every_rank(tmp_path, odd_vocab_model_dir):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    args = [odd_vocab_model_dir, tmp_path / "export", tmp_path / "r.pt", tmp_path / "s.json"]
+    result = run_ranks(script, 3, [*args, MAX_SHARD, "float32", 1, "fail-last-rank"], timeout=240)
+    assert "rank 2 raised OSError: [Errno 28] No space left on device" in result.stdout
+    for rank in (0, 1):
+        assert f"rank {rank} raised RuntimeError: export to " in result.stdout
+    assert "failed on rank(s) [2]" in result.stdout
+    assert "previous export intact: True" in result.stdout
+
+
+ROWS_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from policy.export import ShardFiles, TensorSpec, own_pieces, plan_shards
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same full tensors on every rank
+    full = {  # rows: fewer than ranks, uneven, one; a replicated scalar; bf16
+        "two_rows": torch.randn(2, 3),
+        "seven_rows": torch.randn(7, 5),
+        "one_row": torch.randn(1),
+        "scalar": torch.tensor(4.0),
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+    }
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded = {
+        name: distribute_tensor(t, mesh, [Replicate() if t.dim() == 0 else Shard(0)])
+        for name, t in full.items()
+    }
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in full.items()]
+    files = ShardFiles(Path(sys.argv[1]), plan_shards(specs, 64))
+    if rank == 0:
+        files.create()
+    dist.barrier()
+    written = 0
+    for i, (name, value) in enumerate(sharded.items()):
+        pieces = own_pieces(i, value, rank)
+        assert pieces is not None, name
+        written += sum(files.write(name, piece, offset) for offset, piece in pieces)
+    files.close()
+    total = torch.tensor([written])
+    dist.all_reduce(total)
+    assert total.item() == files.total_bytes, (total.item(), files.total_bytes)
+    dist.barrier()
+    if rank == 0:
+        files.write_index()
+        files.publish(Path(sys.argv[2]))
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_each_rank_writes_its_rows_even_when_it_has_none(tmp_path):
+    script = tmp_path / "rows.py"
+    script.write_text(ROWS_SCRIPT)
+    run_ranks(script, 3, [tmp_path / "out.tmp", tmp_path / "out"], timeout=120)
+    torch.manual_seed(0)
+    expected = {
+        "two_rows": torch.randn(2, 3),
+        "seven_rows": torch.randn(7, 5),
+        "one_row": torch.randn(1),
+        "scalar": torch.tensor(4.0),
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+    }
+    loaded = _load_shards(tmp_path / "out")
+    assert set(loaded) == set(expected)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
