@@ -5,7 +5,8 @@ state of the moment `save` was called.
 The distributed tests run a small FSDP2 training loop on 2 gloo ranks (SCRIPT below) in
 several modes: `full` trains 6 steps; `crash` saves at step 3 and dies with os._exit (async:
 also starts a save at step 4 and dies while it is written); `resume` loads the latest complete
-checkpoint and trains to step 6; `overlap` changes the weights while an async save is in flight.
+checkpoint and trains to step 6; `reshard` loads that on 1 rank; `overlap` changes the weights
+while an async save is in flight.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SCRIPT = textwrap.dedent(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from gantry.checkpoints import CHECKPOINTS, latest_complete, mark_complete, step_dir
-    from policy.checkpoint import PolicyCheckpointer
+    from policy.checkpoint import CheckpointError, PolicyCheckpointer
     from policy.parallel import (
         ParallelDims, ShardingOptions, build_mesh, init_distributed, load_sharded_model,
     )
@@ -108,6 +109,9 @@ SCRIPT = textwrap.dedent(
         if run == "overlap":
             overlap(ckpt, save, model, optimizer, scheduler, env, out)
             return
+        if run == "reshard":  # on another number of ranks than saved it
+            reshard(ckpt, latest_complete(root) / "policy", state, env, out)
+            return
         for step in range(first, STEPS + 1):
             losses[step] = train_step(model, optimizer, scheduler, step, env.rank)
             if run == "crash" and step == CRASH_AT:
@@ -150,20 +154,40 @@ SCRIPT = textwrap.dedent(
         dist.destroy_process_group()
 
 
+    def reshard(ckpt, path, state, env, out):
+        try:
+            ckpt.load(path, **state)
+            raise AssertionError("a checkpoint of another world size was loaded")
+        except CheckpointError as error:
+            assert "saved by 2 policy ranks" in str(error), error
+        step, _ = ckpt.load(path, **state, allow_reshard=True)
+        assert step == STEPS, step
+        weights = full_weights(state["model"])
+        if env.rank == 0:
+            torch.save(weights, out / "weights.pt")
+        ckpt.close()
+        dist.destroy_process_group()
+
+
     if __name__ == "__main__":  # the process-based writer re-imports this file: guard it
         main()
     """
 )
 
-MODES = [("sync", "thread"), ("async", "thread"), ("async", "process")]
+# The process writer spawns a writer process per rank at the first save: slower to test.
+MODES = [
+    pytest.param("sync", "thread", id="sync"),
+    pytest.param("async", "thread", id="async-thread"),
+    pytest.param("async", "process", id="async-process", marks=pytest.mark.slow),
+]
 
 
-def _run(tmp_path, run: str, model_dir, out, mode="sync", async_type="thread", timeout=240):
+def _run(tmp_path, run: str, model_dir, out, mode="sync", async_type="thread", nproc=2):
     script = tmp_path / "checkpoint_script.py"
     script.write_text(SCRIPT)
     out.mkdir(parents=True, exist_ok=True)
     return run_ranks(
-        script, 2, [run, model_dir, out, mode, async_type], timeout=timeout,
+        script, nproc, [run, model_dir, out, mode, async_type], timeout=240,
         env={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
 
@@ -181,9 +205,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    ("mode", "async_type"), MODES, ids=["sync", "async-thread", "async-process"]
-)
+@pytest.mark.parametrize(("mode", "async_type"), MODES)
 def test_kill_and_resume_matches_the_uninterrupted_run(
     tmp_path, tiny_model_dir, uninterrupted, mode, async_type
 ):
@@ -219,10 +241,19 @@ def test_kill_and_resume_matches_the_uninterrupted_run(
     assert deleted == [step_dir(root, s) for s in ((3, 4) if mode == "async" else (3,))]
     assert [p.name for p in root.iterdir()] == ["step_6"]
 
+    if mode == "sync":  # 1 rank loads the 2 ranks' checkpoint: refused, unless resharding
+        one = tmp_path / "one-rank"
+        one.mkdir()
+        (one / CHECKPOINTS).symlink_to(root)
+        _run(tmp_path, "reshard", tiny_model_dir, one, nproc=1)
+        resharded = torch.load(one / "weights.pt")
+        for name, tensor in got.items():
+            assert torch.equal(resharded[name], tensor), name
+
 
 @pytest.mark.dist
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("async_type", ["thread", "process"])
+@pytest.mark.parametrize("async_type", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_async_save_writes_the_state_of_the_save_call(tmp_path, tiny_model_dir, async_type):
     out = tmp_path / "out"
     _run(tmp_path, "overlap", tiny_model_dir, out, "async", async_type)
