@@ -87,7 +87,12 @@ class Controller:
         if self.info.resume_from:
             self._restore(Path(self.info.resume_from))
         self._wait_for_workers()
-        if self.version > 0:  # resumed: rollouts start from the initial weights
+        if self.version >= self.total_steps:  # resumed from the last step: nothing to train
+            log.info(
+                "the checkpoint is at the last step (%d): exporting and stopping", self.version
+            )
+            self._order_export(self.version, final=True)
+        elif self.version > 0:  # resumed: rollouts start from the initial weights
             self._order_sync(self.version)
         while not self.finished:
             self._check_heartbeats()

@@ -105,3 +105,17 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path):
         assert (got[name] - tensor).abs().max() <= 1e-6, name
     result = json.loads((resumed / "result.json").read_text())
     assert result["steps"] == 6 and result["resumed_from"].endswith("step_4")
+
+
+@pytest.mark.dist
+@pytest.mark.redis
+@pytest.mark.timeout(400)
+def test_resuming_a_finished_run_exports_and_stops(tmp_path):
+    first = tmp_path / "first"
+    finish(launch(first, "train.max_num_steps=2"), timeout=300)
+    done = run_dir_of(first) / "checkpoints" / "step_2"
+    again = tmp_path / "again"
+    output = finish(launch(again, "train.max_num_steps=2", f"train.resume={done}"), timeout=300)
+    assert "checkpoint is at the last step (2)" in output
+    result = json.loads((run_dir_of(again) / "result.json").read_text())
+    assert result["steps"] == 2 and (Path(result["final_export"]) / "config.json").exists()
