@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -208,24 +207,6 @@ def _broadcast_buffers(
             dist.broadcast(value, src=0)
         with torch.no_grad():
             buf.copy_(value)
-
-
-def iter_full_tensors(
-    model: torch.nn.Module, skip: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """(name, full tensor) for each entry of the model's state dict, one at a time.
-
-    A collective over the model's mesh: every rank must run the loop to its end. Sharded
-    (DTensor) entries are all-gathered one by one, so no rank ever holds more than one full
-    tensor beyond its shards; rank 0 gets the full tensor, the other ranks None.
-    """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    for name, value in model.state_dict().items():
-        if name in skip:
-            continue
-        full = full_tensor(value)
-        yield name, (full if rank == 0 else None)
-        del full
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from gantry.config import GantryConfig
 from gantry.protocol import RolloutGroup
+from policy.export import tied_weight_names
 from policy.grpo import group_advantages, grpo_loss
 from policy.optim import build_optimizer, build_scheduler
 from policy.parallel import DistEnv, ShardingOptions, full_tensor, load_sharded_model
@@ -37,7 +38,6 @@ class Row:
     prompt_len: int
     logprobs: list[float]  # behaviour log-probs of the completion tokens
     advantage: float
-    reward: float
 
 
 def rows_of(groups: list[RolloutGroup]) -> list[Row]:
@@ -48,15 +48,7 @@ def rows_of(groups: list[RolloutGroup]) -> list[Row]:
         advantages = group_advantages(rewards.unsqueeze(0)).squeeze(0).tolist()
         prompt = group.prompt_token_ids
         for sample, advantage in zip(group.samples, advantages, strict=True):
-            rows.append(
-                Row(
-                    prompt + sample.token_ids,
-                    len(prompt),
-                    sample.logprobs,
-                    advantage,
-                    sample.reward,
-                )
-            )
+            rows.append(Row(prompt + sample.token_ids, len(prompt), sample.logprobs, advantage))
     return rows
 
 
@@ -147,7 +139,6 @@ class GRPOTrainer:
         optimizer_steps = total_steps * config.train.train_policy.mu_iterations
         self.scheduler = build_scheduler(self.optimizer, config.train, optimizer_steps)
         self.pad_token_id = self.model.config.pad_token_id or 0
-        self.step_count = 0
 
     def step(self, groups: list[RolloutGroup]) -> dict[str, float]:
         """One policy step on a batch of groups (a collective); returns global metrics."""
@@ -166,7 +157,6 @@ class GRPOTrainer:
             sums = self._accumulate(micro, references, global_tokens)
             grad_norm = self._optimizer_step()
         sums = self._all_reduce(sums) / global_tokens
-        self.step_count += 1
         metrics = dict(zip(_SUMS, sums.tolist(), strict=True))
         metrics.update(
             grad_norm=grad_norm, lr=lr, tokens=global_tokens,
@@ -227,7 +217,5 @@ class GRPOTrainer:
     def weight_manifest_params(self) -> dict[str, torch.nn.Parameter]:
         """The parameters to sync, under HF names; a tied lm_head is left out (the engine
         ties it)."""
-        params = dict(self.model.named_parameters())
-        if self.model.config.tie_word_embeddings:
-            params.pop("lm_head.weight", None)
-        return params
+        tied = tied_weight_names(self.model)
+        return {name: p for name, p in self.model.named_parameters() if name not in tied}

@@ -95,7 +95,6 @@ class PolicyWorker:
             optimizer=self.trainer.optimizer,
             scheduler=self.trainer.scheduler,
         )
-        self.trainer.step_count = step
         log.info("resumed from %s at step %d", checkpoint, step)
 
     # ---- the loop ---------------------------------------------------------------------
