@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+from controller.fleet import RolloutFleet
 from controller.scheduler import PromptQueue, RolloutBuffer, task_of
 from gantry import checkpoints
 from gantry.config import GantryConfig
@@ -50,7 +51,15 @@ class Controller:
         self.config, self.info = config, info
         self.keys = info.keys
         self.plane = ControlPlane(info.redis_url)
-        self.rollout_replicas = [str(i) for i in range(config.rollout.parallelism.n_init_replicas)]
+        self.fleet = RolloutFleet(
+            capacity=2 * config.rollout.batch_size,
+            run_id=info.run_id,
+            # Single node: the policy's rank 0 hosts the weight-sync store on loopback.
+            host="127.0.0.1",
+            port=free_port(),
+            timeout_s=config.rollout.weight_sync_timeout,
+        )
+        self.n_rollout_replicas = config.rollout.parallelism.n_init_replicas
         self.policy_replicas = [str(i) for i in range(config.policy.parallelism.n_init_replicas)]
         self.groups_per_step = groups_per_step(config)
         self.total_steps = planned_steps(config, info.dataset_size)
@@ -59,9 +68,7 @@ class Controller:
         self.buffer = RolloutBuffer(self.groups_per_step, max_staleness)
         self.run_dir = Path(info.run_dir)
         self.version = 0  # the policy's weights: steps done
-        self.synced_version = 0  # the weights the rollout replicas generate with
         self.steps_sent = 0
-        self.in_flight: set[str] = set()
         self.pending_batch: dict | None = None  # the batch the policy is training on
         self.registered: set[tuple[str, str]] = set()
         self.rewards: list[float] = []
@@ -78,7 +85,6 @@ class Controller:
     def run(self) -> int:
         for stream in (self.keys.rollouts, self.keys.events):
             self.plane.ensure_group(stream, GROUP)
-        self._publish_rendezvous()
         log.info(
             "run %s: %d steps of %d prompts x %d samples, max staleness %d",
             self.info.run_id, self.total_steps, self.groups_per_step,
@@ -92,10 +98,9 @@ class Controller:
                 "the checkpoint is at the last step (%d): exporting and stopping", self.version
             )
             self._order_export(self.version, final=True)
-        elif self.version > 0:  # resumed: rollouts start from the initial weights
-            self._order_sync(self.version)
         while not self.finished:
             self._check_heartbeats()
+            self._catch_up_joiners()
             self._dispatch()
             self._maybe_send_batch()
             for delivery in self.plane.read_group(
@@ -105,33 +110,22 @@ class Controller:
         self._write_result()
         return 0
 
-    def _publish_rendezvous(self) -> None:
-        # Single node: the policy's rank 0 hosts the store on loopback.
-        self.plane.redis.hset(
-            self.keys.rendezvous,
-            mapping={
-                "host": "127.0.0.1",
-                "port": free_port(),
-                "world_size": 1 + len(self.rollout_replicas),
-                "prefix": f"weights/{self.info.run_id}",
-            },
-        )
-
-    def _expected_workers(self) -> set[tuple[str, str]]:
-        policy = {("policy", r) for r in self.policy_replicas}
-        return policy | {("rollout", r) for r in self.rollout_replicas}
-
     def _wait_for_workers(self) -> None:
+        """Start once every policy replica and one rollout replica registered; other rollout
+        replicas join when they are up."""
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while self.registered != self._expected_workers():
+        policy = {("policy", r) for r in self.policy_replicas}
+        while not (policy <= self.registered and self.fleet.replicas):
             if time.monotonic() > deadline:
-                missing = sorted(self._expected_workers() - self.registered)
+                missing = sorted(policy - self.registered)
+                if not self.fleet.replicas:
+                    missing.append(("rollout", "any"))
                 raise RunFailed(
                     f"workers did not register in {WORKER_START_TIMEOUT_S:.0f}s: {missing}"
                 )
             for delivery in self.plane.read_group([self.keys.events], GROUP, GROUP, 16, 500):
                 self._handle(delivery)
-        log.info("all workers registered: %s", sorted(self.registered))
+        log.info("starting with %s", sorted(self.registered))
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -147,25 +141,43 @@ class Controller:
     def _dispatch(self) -> None:
         """Hand out only prompts whose results can still be trained within the staleness bound.
 
-        A prompt dispatched now is generated with weights of at least `synced_version` and
-        lands in the batch of step `steps_sent + ceil((queued + 1) / G)`, which trains
-        weights one version behind that step: so at most
-        G * (synced_version + max_staleness + 1 - steps_sent) prompts may be queued (buffered
-        or in flight), and no more than the remaining steps need.
+        A prompt given now to a replica that was ordered to sync to version v is generated
+        with weights of at least v, and lands in the batch of step
+        `steps_sent + ceil((queued + 1) / G)`, which trains weights one version behind that
+        step: so with that replica at most G * (v + max_staleness + 1 - steps_sent) prompts may
+        be queued (buffered or in flight), and no more than the remaining steps need.
         """
-        ahead = self.synced_version + self.buffer.max_staleness + 1 - self.steps_sent
         needed = (self.total_steps - self.steps_sent) * self.groups_per_step
-        queued = len(self.in_flight) + len(self.buffer)
-        budget = min(ahead * self.groups_per_step, needed) - queued
-        tasks = []
-        for _ in range(max(0, budget)):
+        queued = len(self.fleet.in_flight) + len(self.buffer)
+        budget = {
+            name: min(
+                (replica.version + self.buffer.max_staleness + 1 - self.steps_sent)
+                * self.groups_per_step,
+                needed,
+            )
+            - queued
+            for name, replica in self.fleet.replicas.items()
+        }
+        picks = self.fleet.assign(max(budget.values(), default=0), budget)
+        by_replica: dict[str, list] = {}
+        for name in picks:
             task = self.queue.next()
             if task is None:
                 break
-            tasks.append(task)
-        if tasks:
-            self.plane.send_many(self.keys.prompts, tasks)
-            self.in_flight.update(t.prompt_id for t in tasks)
+            self.fleet.dispatched(name, task.prompt_id)
+            by_replica.setdefault(name, []).append(task)
+        for name, tasks in by_replica.items():
+            self.plane.send_many(self.keys.prompts(name), tasks)
+
+    def _catch_up_joiners(self) -> None:
+        """Send the current weights to replicas that hold older ones, while the policy is
+        between steps (its weights are then exactly `version`)."""
+        if self.pending_batch is not None or self.finished or self.version >= self.total_steps:
+            return
+        behind = self.fleet.behind(self.version)
+        if behind:
+            log.info("rollout replica(s) %s catch up to v%d", ", ".join(behind), self.version)
+            self._order_sync(self.version, behind)
 
     def _maybe_send_batch(self) -> None:
         if self.pending_batch is not None or self.steps_sent >= self.total_steps:
@@ -200,7 +212,7 @@ class Controller:
     def _handle(self, delivery: Delivery) -> None:
         message = delivery.message
         if isinstance(message, RolloutGroup):
-            self.in_flight.discard(message.prompt_id)
+            self.fleet.returned(message.replica, message.prompt_id, message.policy_version)
             outcome = self.buffer.add(message, delivery.entry_id, self.version)
             if outcome == "stale":
                 self._retry([(message, delivery.entry_id)])
@@ -209,10 +221,7 @@ class Controller:
             return  # accepted groups are acknowledged when their batch is sent
         self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
         if isinstance(message, Register):
-            self.registered.add((message.role, message.replica))
-            log.info(
-                "%s replica %s registered (pid %d)", message.role, message.replica, message.pid
-            )
+            self._on_register(message)
         elif isinstance(message, StepDone):
             self._on_step_done(message)
         elif isinstance(message, ExportDone):
@@ -222,11 +231,20 @@ class Controller:
         elif isinstance(message, UploadDone):
             self._on_upload_done(message)
         elif isinstance(message, WeightsSynced):
-            log.debug(
-                "rollout %s at v%d (%.3fs)", message.replica, message.version, message.seconds
-            )
+            log.info(
+                "rollout %s now at v%d (sync took %.3fs)",
+                message.replica, message.version, message.seconds,
+            )  # fmt: skip
         elif isinstance(message, WorkerFailed):
             raise RunFailed(f"{message.role} replica {message.replica} failed: {message.error}")
+
+    def _on_register(self, message: Register) -> None:
+        self.registered.add((message.role, message.replica))
+        log.info("%s replica %s registered (pid %d)", message.role, message.replica, message.pid)
+        if message.role == "rollout":
+            self.fleet.register(
+                message.replica, message.ranks, message.policy_version, self.version
+            )
 
     def _on_step_done(self, done: StepDone) -> None:
         batch, self.pending_batch = self.pending_batch, None
@@ -241,16 +259,17 @@ class Controller:
             self._order_export(done.step, final=True)
             return
         if done.step % self.config.train.sync_weight_interval == 0:
-            self._order_sync(done.step)
+            self._order_sync(done.step, sorted(self.fleet.replicas))
         if saving and ckpt.export_safetensors:
             self._order_export(done.step, final=False)
 
-    def _order_sync(self, version: int) -> None:
-        sync = SyncWeights(version=version)
-        self.synced_version = version
+    def _order_sync(self, version: int, replicas: list[str]) -> None:
+        """One broadcast from the policy reaches every rank of these replicas."""
+        sync = SyncWeights(version=version, plan=self.fleet.plan(replicas))
         self.plane.send(self.keys.policy_commands, sync)
-        for replica in self.rollout_replicas:
+        for replica in replicas:
             self.plane.send(self.keys.commands("rollout", replica), sync)
+        self.fleet.synced(replicas, version)
 
     def _order_export(self, step: int, final: bool) -> None:
         path = self.run_dir / "export" / ("final" if final else f"step_{step}")
@@ -266,7 +285,7 @@ class Controller:
 
     def _state(self, step: int) -> dict:
         # Prompts buffered or in flight are not trained yet: a resumed run hands them out again.
-        pending = sorted(self.in_flight) + self.buffer.prompt_ids()
+        pending = sorted(self.fleet.in_flight) + self.buffer.prompt_ids()
         return {
             "step": step,
             "queue": self.queue.state(pending),
@@ -293,7 +312,7 @@ class Controller:
     def _restore(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / "controller.json").read_text())
         self.queue.restore(state["queue"])
-        self.version = self.synced_version = self.steps_sent = state["step"]
+        self.version = self.steps_sent = state["step"]
         self.rewards = list(state["rewards"])
         self.buffer.stats.dropped_stale = state["dropped_stale"]
         self.buffer.stats.duplicates = state["duplicates"]
@@ -312,7 +331,9 @@ class Controller:
             return
         self.final_export = done.path
         self.plane.send(self.keys.policy_commands, Stop())
-        for replica in self.rollout_replicas:
+        # Also those started but not registered yet, which stop when they are up.
+        launched = {str(i) for i in range(self.n_rollout_replicas)}
+        for replica in sorted(launched | set(self.fleet.replicas)):
             self.plane.send(self.keys.commands("rollout", replica), Stop())
         self.finished = True
 
@@ -355,6 +376,7 @@ class Controller:
             "final_export": self.final_export,
             "resumed_from": self.info.resume_from or None,
             "uploads": self.uploads,
+            "rollout_replicas": self.fleet.stats(),
             "seconds": time.monotonic() - self._started,
         }
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

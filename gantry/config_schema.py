@@ -134,24 +134,15 @@ class RolloutParallelism(BaseModel):
     n_init_replicas: int = Field(
         default=1,
         ge=1,
-        description="Number of rollout replicas (generators) started with the run. Only 1 in "
-        "this version.",
+        description="Number of rollout replicas (generators) started with the run; more can "
+        "join a running run (`python -m rollout --run-dir RUN --replica N`).",
     )
     tp_size: int = Field(
         default=1,
         ge=1,
-        description="Tensor-parallel size of each rollout replica. Only 1 in this version.",
+        description="Tensor-parallel size of each rollout replica (vLLM): its number of GPUs, "
+        "or of worker processes on vLLM's CPU build.",
     )
-
-    @field_validator("n_init_replicas")
-    @classmethod
-    def _one_replica(cls, value: int) -> int:
-        return _only_one(value, "several rollout replicas come later")
-
-    @field_validator("tp_size")
-    @classmethod
-    def _no_tensor_parallel(cls, value: int) -> int:
-        return _only_one(value, "tensor-parallel generation comes later")
 
 
 class SamplingConfig(BaseModel):
@@ -201,7 +192,10 @@ class RolloutConfig(BaseModel):
         default=128, gt=0, description="Maximum number of tokens generated per completion."
     )
     batch_size: int = Field(
-        default=8, gt=0, description="Prompts handed to the engine in one generate call."
+        default=8,
+        gt=0,
+        description="Prompts handed to the engine in one generate call. The controller keeps "
+        "up to twice as many queued at each replica, so the next call is ready when one ends.",
     )
     gpu_memory_utilization: float = Field(
         default=0.8,
@@ -214,6 +208,17 @@ class RolloutConfig(BaseModel):
         description="Run vLLM without CUDA graphs: faster start-up, slower generation.",
     )
     seed: int = Field(default=0, description="Seed of the rollout engine's sampler.")
+    dtype: Literal["auto"] | Dtype = Field(
+        default="auto",
+        description="Dtype the rollout engine computes in, and in which weights are sent to it. "
+        "'auto': float32 on CPU; on GPU the model's dtype, bfloat16 for a float32 model.",
+    )
+    weight_sync_timeout: StrictFloat = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a weight sync waits for all its members (policy senders, every "
+        "rollout rank) before failing with the names of those missing.",
+    )
     parallelism: RolloutParallelism = Field(
         default_factory=RolloutParallelism, description="Replication and sharding of generation."
     )

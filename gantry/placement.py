@@ -3,11 +3,13 @@
 `resolve_parallelism` fills in `policy.parallelism.dp_shard_size = -1` (all the node's devices
 that the rollout replicas leave free) and checks that the policy and rollout processes fit the
 devices of this machine; `find_resume_checkpoint` turns `train.resume` into a complete
-checkpoint directory. Both raise LaunchError with what to change. Imports no torch.
+checkpoint directory. Both raise LaunchError with what to change. `rollout_dtype` resolves
+`rollout.dtype = "auto"`. Imports no torch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +68,20 @@ def resolve_parallelism(config: GantryConfig, gpus: int | None = None) -> Gantry
         return GantryConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+
+
+def rollout_dtype(setting: str, model_path: str | Path, on_gpu: bool) -> str:
+    """The dtype of `rollout.dtype`, resolved the same way by the policy (which sends weights
+    in it) and the rollout engine (which computes in it)."""
+    if setting != "auto":
+        return setting
+    if not on_gpu:
+        # CPUs without bfloat16 units run float32 faster, and it matches a float32 policy.
+        return "float32"
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text = config.get("text_config") or {}
+    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or "float32"
+    return "bfloat16" if dtype == "float32" else dtype
 
 
 def find_resume_checkpoint(resume: bool | str, output_dir: Path) -> Path | None:

@@ -30,11 +30,52 @@ class PromptTask(_Message):
     index: int  # index into the dataset returned by the script's get_dataset
 
 
+class Receiver(_Message):
+    """A rollout replica taking part in a weight sync, with its number of receiving ranks."""
+
+    replica: str
+    ranks: int  # tensor-parallel size: every TP rank receives the broadcast
+
+
+class SyncPlan(_Message):
+    """Who takes part in a weight sync and where they meet.
+
+    The policy's sender ranks (one per FSDP shard, see `gantry.communicator.Manifest`) each
+    broadcast their shard to every rank of every receiver. `group` names this membership: the
+    process groups formed for it are reused by later syncs with the same plan, and a change of
+    members (a replica joining) gets a new name. The store is hosted by policy rank 0.
+    """
+
+    group: str
+    host: str
+    port: int
+    receivers: list[Receiver]
+    timeout_s: float
+
+    @property
+    def receiver_ranks(self) -> int:
+        return sum(r.ranks for r in self.receivers)
+
+    def rank_of(self, replica: str, tp_rank: int) -> int:
+        """Rank of a receiving rank in each sender's group (the sender is rank 0)."""
+        rank = 1
+        for receiver in self.receivers:
+            if receiver.replica == replica:
+                if not 0 <= tp_rank < receiver.ranks:
+                    raise ValueError(
+                        f"replica {replica} has {receiver.ranks} ranks, not {tp_rank + 1}"
+                    )
+                return rank + tp_rank
+            rank += receiver.ranks
+        raise ValueError(f"rollout replica {replica} is not in weight-sync plan {self.group}")
+
+
 class SyncWeights(_Message):
-    """Receive the broadcast of the policy's weights, then generate with `version`."""
+    """Take part in the weight sync `plan` (send or receive), then generate with `version`."""
 
     type: Literal["sync_weights"] = "sync_weights"
     version: int
+    plan: SyncPlan
 
 
 class Stop(_Message):
@@ -106,7 +147,8 @@ class Register(_Message):
     replica: str
     pid: int
     host: str
-    policy_version: int = 0
+    policy_version: int = 0  # the weights it holds (a rollout replica starts from the model's)
+    ranks: int = 1  # a rollout replica's weight-receiving (tensor-parallel) ranks
 
 
 class StepDone(_Message):
@@ -198,10 +240,9 @@ class Keys:
     def __init__(self, run_id: str) -> None:
         self.prefix = f"gantry:{run_id}:"
 
-    @property
-    def prompts(self) -> str:
-        """Stream of PromptTask, consumed by the rollout replicas as one consumer group."""
-        return self.prefix + "prompts"
+    def prompts(self, replica: str) -> str:
+        """Stream of PromptTask for one rollout replica (the controller picks the replica)."""
+        return f"{self.prefix}prompts:{replica}"
 
     @property
     def rollouts(self) -> str:
@@ -228,13 +269,8 @@ class Keys:
         return f"{self.prefix}heartbeat:{role}:{replica}"
 
     @property
-    def rendezvous(self) -> str:
-        """Hash with the weight-sync process group's address (written by the controller)."""
-        return self.prefix + "rendezvous"
-
-    @property
     def manifest(self) -> str:
-        """The policy's parameter manifest (names, shapes, dtypes) for weight sync."""
+        """The policy's weight-sync manifest (names, shapes, dtypes, shard rows), JSON."""
         return self.prefix + "manifest"
 
     @property

@@ -4,8 +4,8 @@ save checkpoints, export and upload.
 Every rank of the policy job (all replicas) reads the same command stream in order and runs
 each command together with the others: TrainBatch, SyncWeights, Checkpoint and Export are
 collectives over the job's mesh. Rank 0 speaks for the job: it publishes the weight manifest,
-reports StepDone / CheckpointSaved / ExportDone, sends the weights to the rollout replicas
-(the other ranks only help gather them) and runs the uploads in the background. The local
+reports StepDone / CheckpointSaved / ExportDone and runs the uploads in the background; the
+ranks of the first replica send the weights to the rollout replicas, each its own shards. The local
 rank 0 of each replica registers it and keeps its heartbeat.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gantry import communicator
 from gantry.checkpoints import prune_step_dirs, step_of
 from gantry.config import GantryConfig
+from gantry.placement import rollout_dtype
 from gantry.protocol import (
     Checkpoint,
     CheckpointSaved,
@@ -38,12 +38,12 @@ from gantry.runtime import Heartbeat, RunInfo, host_name, planned_steps
 from gantry.transport import ControlPlane
 from policy.checkpoint import PolicyCheckpointer
 from policy.export import export_hf
-from policy.parallel import ParallelDims, build_mesh, full_tensor, init_distributed
+from policy.parallel import ParallelDims, build_mesh, init_distributed
 from policy.trainer import GRPOTrainer
 from policy.upload import Uploader
+from policy.weight_sync import PolicySender
 
 log = logging.getLogger("gantry.policy")
-WEIGHT_SYNC_RANK = 0
 FINAL_UPLOAD_TIMEOUT_S = 3600.0
 
 
@@ -67,12 +67,12 @@ class PolicyWorker:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2 // local_world))
         total_steps = planned_steps(config, info.dataset_size)
         self.trainer = GRPOTrainer(config, info.model_path, self.env, mesh, total_steps)
-        self.params = self.trainer.weight_manifest_params()
-        self.manifest = communicator.manifest_of(self.params.items())
-        self.buckets = communicator.plan_buckets(self.manifest)
+        dtype = rollout_dtype(config.rollout.dtype, info.model_path, torch.cuda.is_available())
+        self.weights = PolicySender(
+            self.trainer.weight_manifest_params(), mesh, dtype=dtype, is_store_host=self.is_main
+        )
         self.checkpointer = PolicyCheckpointer(async_mode=config.train.ckpt.save_mode == "async")
         self.uploader = self._make_uploader() if self.is_main else None
-        self.group = None
         self.save_started: dict[int, float] = {}
         if info.resume_from:
             self._resume(Path(info.resume_from))
@@ -100,10 +100,9 @@ class PolicyWorker:
     # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
+        manifest = self.weights.manifest
         if self.is_main:
-            communicator.publish_manifest(
-                self.plane, self.keys, self.manifest, communicator.DEFAULT_BUCKET_BYTES
-            )
+            self.plane.redis.set(self.keys.manifest, manifest.to_json())
         heartbeat = None
         if self.env.local_rank == 0:
             heartbeat = Heartbeat(self.plane, self.keys.heartbeat("policy", self.replica)).start()
@@ -111,8 +110,11 @@ class PolicyWorker:
                 self.keys.events,
                 Register(role="policy", replica=self.replica, pid=os.getpid(), host=host_name()),
             )
-        n_params = sum(e.numel for e in self.manifest)
-        log.info("policy ready: %d parameters, %d ranks", n_params, self.env.world_size)
+        n_params = sum(e.numel for e in manifest.entries)
+        log.info(
+            "policy ready: %d parameters, %d ranks (%d send weights, in %s)", n_params,
+            self.env.world_size, manifest.senders, manifest.entries[0].dtype,
+        )  # fmt: skip
         try:
             self._serve()
         finally:
@@ -139,7 +141,7 @@ class PolicyWorker:
             if self.is_main:
                 self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
         elif isinstance(command, SyncWeights):
-            self._send_weights(command.version)
+            self._send_weights(command)
         elif isinstance(command, Checkpoint):
             self._save_checkpoint(command)
         elif isinstance(command, Export):
@@ -149,16 +151,16 @@ class PolicyWorker:
 
     # ---- weights, checkpoints, exports -------------------------------------------------
 
-    def _send_weights(self, version: int) -> None:
-        """Gather each bucket's tensors (all ranks), rank 0 broadcasts it to the rollouts."""
+    def _send_weights(self, command: SyncWeights) -> None:
         started = time.perf_counter()
-        if self.is_main and self.group is None:
-            self.group = communicator.join_group(self.plane, self.keys, WEIGHT_SYNC_RANK)
-        for bucket in self.buckets:
-            tensors = [full_tensor(self.params[entry.name]) for entry in bucket]
-            if self.is_main:
-                communicator.broadcast_bucket(self.group, tensors)
-        log.info("sent weights v%d in %.3fs", version, time.perf_counter() - started)
+        sent = self.weights.send(command.plan, command.version)
+        if sent:
+            seconds = time.perf_counter() - started
+            log.info(
+                "sent weights v%d: %.1f MB in %.3fs (%.2f GB/s) to %d rollout ranks",
+                command.version, sent / 1e6, seconds, sent / 1e9 / max(seconds, 1e-9),
+                command.plan.receiver_ranks,
+            )  # fmt: skip
 
     def _save_checkpoint(self, command: Checkpoint) -> None:
         trainer = self.trainer

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from gantry.protocol import SyncPlan
+
 
 @dataclass
 class SamplingSettings:
@@ -50,6 +52,10 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (HF parameter name, tensor) pairs in place; later generations use them."""
+
+    def receive_weights(self, plan: SyncPlan, manifest: str, version: int, replica: str) -> None:
+        """Take part in weight sync `plan` as replica `replica` (all of its TP ranks), loading
+        the weights in place as they arrive; `manifest` is the policy's, as JSON."""
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         """The engine's current weights under HF names (for tests and checks)."""

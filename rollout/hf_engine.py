@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from gantry.communicator import WeightReceiver
+from gantry.protocol import SyncPlan
 from rollout.engine import Completion, SamplingSettings
 
 
@@ -46,6 +48,7 @@ class HFEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
+        self._receiver: WeightReceiver | None = None
         self.eos_ids = _eos_ids(self.model)
         pad = self.model.generation_config.pad_token_id
         if pad is None:
@@ -124,6 +127,11 @@ class HFEngine:
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+
+    def receive_weights(self, plan: SyncPlan, manifest: str, version: int, replica: str) -> None:
+        if self._receiver is None:
+            self._receiver = WeightReceiver(self.device)
+        self._receiver.receive(plan, manifest, version, replica, 0, self.load_weights)
 
     def close(self) -> None:
         self.model = None

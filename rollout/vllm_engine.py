@@ -17,7 +17,10 @@ Conventions (shared with `rollout.hf_engine.HFEngine`):
 - With `sampling.seed` set, prompt i gets the request seed `seed + i * n`; vLLM gives its j-th
   sample `seed + i * n + j`, so every sample of a batch has its own seed.
 
-Weight updates go through the worker extension in three RPCs (begin, chunks, finish) around
+A weight sync reaches every worker directly: `gantry_receive_weights` runs in each TP worker,
+which joins the sync's process groups (`gantry.communicator`) and loads each bucket as it
+arrives. Weights handed over by the caller (`load_weights`, for tests and tools) go through
+the worker extension in three RPCs (begin, chunks, finish) around
 vLLM's layerwise reload: `model.load_weights` alone fails on the CPU build, whose linear
 layers repack their weights into kernel-specific buffers and empty the originals. Tensors are
 passed as they are in-process; across processes (RPC arguments are msgpack-encoded, so a bare
@@ -36,6 +39,8 @@ from typing import Any
 
 import torch
 
+from gantry.communicator import WeightReceiver
+from gantry.protocol import SyncPlan
 from rollout.engine import Completion, SamplingSettings
 
 # Default KV-cache size on the CPU build: there `gpu_memory_utilization` means "fraction of
@@ -70,8 +75,10 @@ class VLLMEngine:
     ) -> None:
         on_cuda = torch.cuda.is_available()
         if not on_cuda:
-            if tp_size != 1:
-                raise ValueError("tp_size > 1 needs the CUDA build of vLLM")
+            if tp_size > 1:
+                # vLLM binds each CPU worker to a NUMA node and refuses more workers than
+                # nodes; cores split among the workers work on any machine.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp_size))
             # In-process engine core: ~2 s start-up instead of ~18 s, and tensors reach the
             # worker as they are. vLLM reads this variable lazily, at engine start.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -146,6 +153,14 @@ class VLLMEngine:
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
 
+    def receive_weights(self, plan: SyncPlan, manifest: str, version: int, replica: str) -> None:
+        """Every TP worker joins the sync and loads the broadcast weights as they arrive."""
+        self._llm.collective_rpc(
+            "gantry_receive_weights", args=(plan.model_dump(), manifest, version, replica)
+        )
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+
     def _payloads(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple]:
         if self.in_process:
             # Same process: the worker consumes the iterator lazily, one bucket at a time.
@@ -177,6 +192,17 @@ class VLLMEngine:
         # Frees the process group an in-process engine made, so another engine can start.
         cleanup_dist_env_and_memory()
         torch.set_num_threads = self._set_num_threads
+
+
+def cpu_binding(tp_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving each of `tp_size` CPU workers its share of the cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp_size:
+        return "nobind"
+    share = len(cores) // tp_size
+    return "|".join(
+        ",".join(str(c) for c in cores[i * share : (i + 1) * share]) for i in range(tp_size)
+    )
 
 
 def _engine_in_process(tp_size: int) -> bool:
@@ -303,11 +329,31 @@ class WeightSyncExtension:
                 layerwise[0](self.model_runner.get_model())
 
     def gantry_load_chunk(self, payload: tuple) -> None:
+        self._gantry_load(decode_chunk(payload, self.device))
+
+    def _gantry_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         from vllm.config import set_current_vllm_config
 
-        weights = decode_chunk(payload, self.device)
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             self.model_runner.get_model().load_weights(weights)
+
+    def gantry_receive_weights(self, plan: dict, manifest: str, version: int, replica: str):
+        """Receive a weight sync on this TP rank (full tensors; vLLM's weight loaders take
+        this rank's slice) and load it in place, bucket by bucket."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        receiver = getattr(self, "_gantry_receiver", None)
+        if receiver is None:
+            receiver = self._gantry_receiver = WeightReceiver(self.device)
+        tp_rank = get_tensor_model_parallel_rank()
+        self.gantry_begin_load()
+        try:
+            receiver.receive(
+                SyncPlan.model_validate(plan), manifest, version, replica, tp_rank,
+                self._gantry_load,
+            )  # fmt: skip
+        finally:
+            self.gantry_finish_load()
 
     def gantry_finish_load(self) -> None:
         from vllm.config import set_current_vllm_config

@@ -1,9 +1,11 @@
 """The rollout worker loop: take prompts, sample n completions each, score them, publish.
 
-Prompts come from the shared prompt stream (consumer group "rollout"); a batch of results is
-published and its prompts acknowledged in one transaction. Before each batch the worker applies
-pending commands, so a weight sync the controller ordered before dispatching new prompts is in
-place before those prompts are generated.
+Prompts come from this replica's prompt stream, filled by the controller as the replica has
+room (consumer group "rollout", so a restarted replica picks up what it held); a batch of
+results is published and its prompts acknowledged in one transaction. Before each batch the
+worker applies pending commands, so a weight sync the controller ordered before dispatching
+new prompts is in place before those prompts are generated, and every result carries the
+version it was generated with.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import os
 import time
 import zlib
 
+import torch
 from transformers import AutoTokenizer
 
-from gantry import communicator
 from gantry.config import GantryConfig
+from gantry.placement import rollout_dtype
 from gantry.plugin import load_dataset_script, prompt_messages
 from gantry.protocol import (
     PromptTask,
@@ -33,17 +36,16 @@ from rollout.engine import RolloutEngine, SamplingSettings
 
 log = logging.getLogger("gantry.rollout")
 GROUP = "rollout"
-# A prompt held unacknowledged this long by a consumer is taken over by another one.
-CLAIM_IDLE_MS = 120_000
 READ_BLOCK_MS = 200
 
 
 def make_engine(config: GantryConfig, model_path: str) -> RolloutEngine:
     rollout = config.rollout
+    dtype = rollout_dtype(rollout.dtype, model_path, torch.cuda.is_available())
     if rollout.backend == "transformers":
         from rollout.hf_engine import HFEngine
 
-        return HFEngine(model_path)
+        return HFEngine(model_path, dtype=getattr(torch, dtype))
     from rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
@@ -53,6 +55,7 @@ def make_engine(config: GantryConfig, model_path: str) -> RolloutEngine:
         max_model_len=config.policy.model_max_length,
         seed=rollout.seed,
         enforce_eager=rollout.enforce_eager,
+        dtype=dtype,
     )
     # Warns at every in-place reload that rotary buffers have no checkpoint weights; they are
     # kept as they were, which is right. Set after start-up: vLLM configures its loggers then.
@@ -72,20 +75,24 @@ class RolloutWorker:
         self.engine = make_engine(config, info.model_path)
         log.info("engine %s up in %.1fs", config.rollout.backend, time.perf_counter() - started)
         self.version = 0
-        self.group = None
+        self.manifest: str | None = None
+        self.prompts = self.keys.prompts(replica)
         self.consumer = f"rollout-{replica}"
         self.stopping = False
 
     def run(self) -> None:
-        self.plane.ensure_group(self.keys.prompts, GROUP)
+        self.plane.ensure_group(self.prompts, GROUP)
         heartbeat = Heartbeat(self.plane, self.keys.heartbeat("rollout", self.replica)).start()
-        self.plane.send(
-            self.keys.events,
-            Register(role="rollout", replica=self.replica, pid=os.getpid(), host=host_name()),
+        ranks = self.config.rollout.parallelism.tp_size
+        if self.config.rollout.backend == "transformers":
+            ranks = 1
+        register = Register(
+            role="rollout", replica=self.replica, pid=os.getpid(), host=host_name(), ranks=ranks
         )
+        self.plane.send(self.keys.events, register)
         # Prompts this replica held when it last died come first.
         backlog = self.plane.read_own_pending(
-            self.keys.prompts, GROUP, self.consumer, self.config.rollout.batch_size
+            self.prompts, GROUP, self.consumer, self.config.rollout.batch_size
         )
         while self._apply_commands():
             deliveries = backlog or self._next_prompts()
@@ -93,19 +100,12 @@ class RolloutWorker:
             # Commands again: a sync ordered before these prompts were dispatched comes first.
             if deliveries and self._apply_commands():
                 self._roll_out(deliveries)
-            # Prompts read but not rolled out stay pending and are claimed by another replica.
+            # Prompts read but not rolled out stay pending: this replica's, after a restart.
         heartbeat.stop()
 
     def _next_prompts(self) -> list[Delivery]:
         count = self.config.rollout.batch_size
-        stale = self.plane.claim_stale(
-            self.keys.prompts, GROUP, self.consumer, CLAIM_IDLE_MS, count
-        )
-        if stale:
-            return stale
-        return self.plane.read_group(
-            [self.keys.prompts], GROUP, self.consumer, count, READ_BLOCK_MS
-        )
+        return self.plane.read_group([self.prompts], GROUP, self.consumer, count, READ_BLOCK_MS)
 
     def _apply_commands(self) -> bool:
         """Apply pending commands; False once told to stop."""
@@ -117,27 +117,25 @@ class RolloutWorker:
                 self.stopping = True
                 return False
             if isinstance(command, SyncWeights):
-                self._receive_weights(command.version)
+                self._receive_weights(command)
             else:
                 raise TypeError(f"rollout got an unexpected command: {command!r}")
         return True
 
-    def _receive_weights(self, version: int) -> None:
+    def _receive_weights(self, command: SyncWeights) -> None:
         started = time.perf_counter()
-        if self.group is None:
-            rank = 1 + int(self.replica)
-            self.group = communicator.join_group(self.plane, self.keys, rank)
-        manifest, bucket_bytes = communicator.read_manifest(self.plane, self.keys)
-        buckets = communicator.plan_buckets(manifest, bucket_bytes)
-        device = "cuda" if communicator.backend_for_device() == "nccl" else "cpu"
-        # Received in full before loading: an engine that stops reading the iterator early
-        # must not leave the policy blocked in a broadcast.
-        weights = list(communicator.receive_weights(self.group, buckets, device))
-        self.engine.load_weights(weights)
-        self.version = version
+        if self.manifest is None:
+            raw = self.plane.redis.get(self.keys.manifest)
+            if raw is None:
+                raise RuntimeError("no weight manifest in Redis: the policy publishes it first")
+            self.manifest = raw.decode()
+        self.engine.receive_weights(command.plan, self.manifest, command.version, self.replica)
+        self.version = command.version
         seconds = time.perf_counter() - started
+        log.info("weights v%d received and loaded in %.3fs", command.version, seconds)
         self.plane.send(
-            self.keys.events, WeightsSynced(replica=self.replica, version=version, seconds=seconds)
+            self.keys.events,
+            WeightsSynced(replica=self.replica, version=command.version, seconds=seconds),
         )
 
     def _roll_out(self, deliveries: list[Delivery]) -> None:
@@ -166,7 +164,7 @@ class RolloutWorker:
                 )
             )
         ids = [d.entry_id for d in deliveries]
-        self.plane.ack_and_send(self.keys.prompts, GROUP, ids, self.keys.rollouts, groups)
+        self.plane.ack_and_send(self.prompts, GROUP, ids, self.keys.rollouts, groups)
 
     def _prompt_ids(self, index: int) -> list[int]:
         messages = prompt_messages(self.samples[index], self.script.path, index)

@@ -441,8 +441,6 @@ def test_sft_rejected():
         "policy.parallelism.tp_size",
         "policy.parallelism.cp_size",
         "policy.parallelism.pp_size",
-        "rollout.parallelism.n_init_replicas",
-        "rollout.parallelism.tp_size",
     ],
 )
 def test_only_one_supported(key):

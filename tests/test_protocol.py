@@ -6,9 +6,16 @@ from pydantic import ValidationError
 
 from gantry import protocol as p
 
+PLAN = p.SyncPlan(
+    group="run/plan1",
+    host="127.0.0.1",
+    port=29500,
+    receivers=[p.Receiver(replica="0", ranks=2), p.Receiver(replica="1", ranks=1)],
+    timeout_s=60.0,
+)
 SAMPLES = [
     p.PromptTask(prompt_id="0:3", epoch=0, index=3),
-    p.SyncWeights(version=7),
+    p.SyncWeights(version=7, plan=PLAN),
     p.Stop(reason="done"),
     p.RolloutGroup(
         prompt_id="1:2",
@@ -59,6 +66,15 @@ def test_unknown_type_and_extra_field_are_rejected():
 
 def test_keys_are_namespaced_by_run():
     keys = p.Keys("run1")
-    assert keys.prompts == "gantry:run1:prompts"
+    assert keys.prompts("0") == "gantry:run1:prompts:0"
     assert keys.commands("rollout", "2") == "gantry:run1:commands:rollout:2"
-    assert p.Keys("run2").prompts != keys.prompts
+    assert p.Keys("run2").prompts("0") != keys.prompts("0")
+
+
+def test_sync_plan_numbers_every_rollout_rank_after_the_sender():
+    assert [PLAN.rank_of("0", 0), PLAN.rank_of("0", 1), PLAN.rank_of("1", 0)] == [1, 2, 3]
+    assert PLAN.receiver_ranks == 3
+    with pytest.raises(ValueError, match="not in weight-sync plan"):
+        PLAN.rank_of("2", 0)
+    with pytest.raises(ValueError, match="has 1 ranks"):
+        PLAN.rank_of("1", 1)

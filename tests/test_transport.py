@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gantry.protocol import Keys, PromptTask, RolloutGroup, Sample, Stop, SyncWeights
+from gantry.protocol import Keys, PromptTask, RolloutGroup, Sample, Stop, SyncPlan, SyncWeights
 from gantry.transport import ControlPlane
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -32,7 +32,7 @@ def result_for(task: PromptTask, replica: str) -> RolloutGroup:
 def serve(plane: ControlPlane, deliveries, replica: str) -> None:
     results = [result_for(d.message, replica) for d in deliveries]
     plane.ack_and_send(
-        KEYS.prompts, "rollout", [d.entry_id for d in deliveries], KEYS.rollouts, results
+        KEYS.prompts("0"), "rollout", [d.entry_id for d in deliveries], KEYS.rollouts, results
     )
 
 
@@ -53,13 +53,13 @@ def pending(plane: ControlPlane, stream: str, group: str) -> int:
 
 def test_dispatch_and_collect_each_prompt_once(redis_url):
     plane = ControlPlane(redis_url)
-    plane.ensure_group(KEYS.prompts, "rollout")
-    plane.send_many(KEYS.prompts, tasks(10))
-    while batch := plane.read_group([KEYS.prompts], "rollout", "r0", 4, 100):
+    plane.ensure_group(KEYS.prompts("0"), "rollout")
+    plane.send_many(KEYS.prompts("0"), tasks(10))
+    while batch := plane.read_group([KEYS.prompts("0")], "rollout", "r0", 4, 100):
         serve(plane, batch, "0")
     got = collect(plane, 10)
     assert sorted(g.prompt_id for g in got) == sorted(t.prompt_id for t in tasks(10))
-    assert pending(plane, KEYS.prompts, "rollout") == 0
+    assert pending(plane, KEYS.prompts("0"), "rollout") == 0
     assert pending(plane, KEYS.rollouts, "controller") == 0
 
 
@@ -69,7 +69,7 @@ CONSUMER = textwrap.dedent(
     from gantry.protocol import Keys
     from gantry.transport import ControlPlane
     plane = ControlPlane(sys.argv[1])
-    got = plane.read_group([Keys("test").prompts], "rollout", "dies", 3, 5000)
+    got = plane.read_group([Keys("test").prompts("0")], "rollout", "dies", 3, 5000)
     print(" ".join(d.message.prompt_id for d in got), flush=True)
     time.sleep(60)  # "generating" when it is killed
     """
@@ -78,8 +78,8 @@ CONSUMER = textwrap.dedent(
 
 def test_prompt_of_a_consumer_killed_mid_prompt_is_redelivered_once(redis_url):
     plane = ControlPlane(redis_url)
-    plane.ensure_group(KEYS.prompts, "rollout")
-    plane.send_many(KEYS.prompts, tasks(8))
+    plane.ensure_group(KEYS.prompts("0"), "rollout")
+    plane.send_many(KEYS.prompts("0"), tasks(8))
     victim = subprocess.Popen(
         [sys.executable, "-c", CONSUMER, redis_url], stdout=subprocess.PIPE, text=True
     )
@@ -89,26 +89,26 @@ def test_prompt_of_a_consumer_killed_mid_prompt_is_redelivered_once(redis_url):
         victim.kill()  # by pid: only the process this test started
         victim.wait()
     assert len(held) == 3
-    assert pending(plane, KEYS.prompts, "rollout") == 3
+    assert pending(plane, KEYS.prompts("0"), "rollout") == 3
     # A live consumer takes over what the dead one held, then the rest of the stream.
     time.sleep(0.05)
-    claimed = plane.claim_stale(KEYS.prompts, "rollout", "survivor", min_idle_ms=10, count=10)
+    claimed = plane.claim_stale(KEYS.prompts("0"), "rollout", "survivor", min_idle_ms=10, count=10)
     assert sorted(d.message.prompt_id for d in claimed) == sorted(held)
     serve(plane, claimed, "survivor")
-    while batch := plane.read_group([KEYS.prompts], "rollout", "survivor", 4, 100):
+    while batch := plane.read_group([KEYS.prompts("0")], "rollout", "survivor", 4, 100):
         serve(plane, batch, "survivor")
     got = collect(plane, 8)
     ids = [g.prompt_id for g in got]
     assert sorted(ids) == sorted(t.prompt_id for t in tasks(8))  # none lost, none twice
-    assert pending(plane, KEYS.prompts, "rollout") == 0
+    assert pending(plane, KEYS.prompts("0"), "rollout") == 0
 
 
 def test_restarted_consumer_reads_its_own_pending_first(redis_url):
     plane = ControlPlane(redis_url)
-    plane.ensure_group(KEYS.prompts, "rollout")
-    plane.send_many(KEYS.prompts, tasks(3))
-    first = plane.read_group([KEYS.prompts], "rollout", "r0", 2, 100)
-    again = ControlPlane(redis_url).read_own_pending(KEYS.prompts, "rollout", "r0", 10)
+    plane.ensure_group(KEYS.prompts("0"), "rollout")
+    plane.send_many(KEYS.prompts("0"), tasks(3))
+    first = plane.read_group([KEYS.prompts("0")], "rollout", "r0", 2, 100)
+    again = ControlPlane(redis_url).read_own_pending(KEYS.prompts("0"), "rollout", "r0", 10)
     assert [d.entry_id for d in again] == [d.entry_id for d in first]
 
 
@@ -116,11 +116,12 @@ def test_commands_are_read_in_order_once(redis_url):
     plane = ControlPlane(redis_url)
     stream = KEYS.commands("rollout", "0")
     assert plane.read_next(stream, block_ms=None) == []
-    plane.send(stream, SyncWeights(version=1))
-    plane.send(stream, SyncWeights(version=2))
+    plan = SyncPlan(group="g", host="127.0.0.1", port=1, receivers=[], timeout_s=1.0)
+    plane.send(stream, SyncWeights(version=1, plan=plan))
+    plane.send(stream, SyncWeights(version=2, plan=plan))
     plane.send(stream, Stop())
     got = plane.read_next(stream, block_ms=100)
-    assert got == [SyncWeights(version=1), SyncWeights(version=2), Stop()]
+    assert got == [SyncWeights(version=1, plan=plan), SyncWeights(version=2, plan=plan), Stop()]
     assert plane.read_next(stream, block_ms=None) == []
 
 

@@ -1,0 +1,96 @@
+"""The policy's side of weight sync: the manifest of its FSDP shards, and sending them.
+
+The senders are the ranks of the first data-parallel replica (replicate coordinate 0), one
+per FSDP shard: each sends the rows of every parameter it holds, cast to the rollout dtype,
+straight from its shard (`DTensor.to_local`), so no rank gathers a parameter. The other
+replicas hold copies of the same shards and sit syncs out. Policy rank 0 hosts the store the
+sync groups meet through.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from gantry import communicator
+from gantry.communicator import Manifest, ManifestEntry
+from gantry.protocol import SyncPlan
+
+log = logging.getLogger("gantry.policy")
+
+
+def shard_position(mesh: DeviceMesh) -> tuple[int, int, bool]:
+    """(this rank's shard index, number of shards, whether it is a sender)."""
+    names = mesh.mesh_dim_names or ()
+    coordinate = mesh.get_coordinate() or [0] * mesh.ndim
+    position = dict(zip(names, coordinate, strict=True))
+    shards = mesh["dp_shard"].size() if "dp_shard" in names else 1
+    return position.get("dp_shard", 0), shards, position.get("dp_replicate", 0) == 0
+
+
+def build_manifest(
+    params: dict[str, torch.Tensor], senders: int, dtype: str, bucket_bytes: int
+) -> Manifest:
+    entries = []
+    for name, param in params.items():
+        rows = param.shape[0] if param.dim() else 1
+        if _row_sharded(param):
+            splits = communicator.even_splits(rows, senders)
+        else:  # whole on every rank: the first sender sends it
+            splits = (rows,) + (0,) * (senders - 1)
+        entries.append(ManifestEntry(name, tuple(param.shape), dtype, splits))
+    return Manifest(entries, senders, bucket_bytes)
+
+
+def _row_sharded(param: torch.Tensor) -> bool:
+    if not isinstance(param, DTensor):
+        return False
+    shards = [p for p in param.placements if not p.is_replicate()]
+    if any(not (isinstance(p, Shard) and p.dim == 0) for p in shards):
+        raise ValueError(f"weight sync sends row shards, but a parameter is {param.placements}")
+    return bool(shards)
+
+
+class PolicySender:
+    """Sends this rank's shards at each SyncWeights; a no-op on ranks that are not senders."""
+
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        mesh: DeviceMesh,
+        *,
+        dtype: str,
+        is_store_host: bool,
+        bucket_bytes: int = communicator.DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        self.params = params
+        self.index, senders, self.is_sender = shard_position(mesh)
+        self.manifest = build_manifest(params, senders, dtype, bucket_bytes)
+        self.is_store_host = is_store_host
+        self.sender: communicator.Sender | None = None
+
+    def send(self, plan: SyncPlan, version: int) -> int:
+        """Take part in the sync `plan`; returns the bytes this rank sent."""
+        if not self.is_sender:
+            return 0
+        if self.sender is None:
+            store = communicator.connect_store(
+                plan.host, plan.port, host_it=self.is_store_host, timeout_s=plan.timeout_s
+            )
+            self.sender = communicator.Sender(self.manifest, self.index, store)
+        return self.sender.send(plan, version, self._local_rows)
+
+    def _local_rows(self, entry: ManifestEntry) -> torch.Tensor:
+        param = self.params[entry.name]
+        local = param.to_local() if isinstance(param, DTensor) else param
+        local = local.detach()
+        expected = entry.splits[self.index]
+        if (local.shape[0] if local.dim() else 1) != expected:
+            raise RuntimeError(
+                f"weight sync: {entry.name} holds {local.shape[0]} rows on shard {self.index}, "
+                f"the manifest says {expected}"
+            )
+        return local
