@@ -30,14 +30,23 @@ def load_syncs(path: str) -> list[tuple[int, SyncPlan]]:
     ]
 
 
-def wait_for_manifest(out: Path, timeout_s: float = 120.0) -> str:
+def wait_for(path: Path, timeout_s: float = 120.0) -> Path:
+    """`path` once its writer renamed it into place."""
     deadline = time.monotonic() + timeout_s
-    path = out / "manifest.json"
     while not path.exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {path}")
         time.sleep(0.05)
-    return path.read_text()
+    return path
+
+
+def wait_for_manifest(out: Path) -> str:
+    return wait_for(out / "manifest.json").read_text()
+
+
+def save_atomic(obj, path: Path) -> None:
+    torch.save(obj, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
 
 
 def policy(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replicate: int) -> None:
@@ -72,7 +81,7 @@ def policy(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica
         sender.send(plan, version)
         full = {n: p.full_tensor() for n, p in params.items()}
         if env.rank == 0:
-            torch.save(full, out / f"policy_v{version}.pt")
+            save_atomic(full, out / f"policy_v{version}.pt")
     dist.destroy_process_group()
 
 

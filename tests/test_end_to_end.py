@@ -66,3 +66,42 @@ def test_quickstart_with_vllm_reward_rises(tmp_path):
     assert outcome["reward_mean_last_10"] >= 2 * outcome["reward_mean_first_10"], outcome
     assert outcome["reward_mean_last_10"] > 0.2, outcome
     check_export(outcome["final_export"])
+
+
+@pytest.mark.timeout(400)
+def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
+    """Two rollout replicas share the prompts; a third started by hand mid-run gets the
+    current weights before its first prompt and then takes its share."""
+    args = [
+        sys.executable, "-m", "gantry.launcher", *QUICKSTART, f"train.output_dir={tmp_path}",
+        "rollout.backend=transformers", "rollout.parallelism.n_init_replicas=2",
+        "train.train_batch_per_replica=64", "rollout.batch_size=2", "train.max_num_steps=24",
+    ]  # fmt: skip
+    launcher = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    joiner = None
+    try:
+        lines = []
+        for line in launcher.stdout:
+            lines.append(line)
+            if joiner is None and "step 5/24" in line:
+                run_dir = next(
+                    ln.split(": ", 1)[1].strip() for ln in lines if ln.startswith("run directory")
+                )
+                joiner = subprocess.Popen(
+                    [sys.executable, "-m", "rollout", "--run-dir", run_dir, "--replica", "2"],
+                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+        assert launcher.wait(timeout=60) == 0, "".join(lines[-80:])
+        assert joiner is not None and joiner.wait(timeout=60) == 0
+    finally:
+        for process in (launcher, joiner):
+            if process is not None:
+                process.kill()
+    outcome = json.loads((Path(run_dir) / "result.json").read_text())
+    replicas = outcome["rollout_replicas"]
+    assert sorted(replicas) == ["0", "1", "2"]
+    late = replicas["2"]
+    assert late["joined_at_version"] >= 1 and late["syncs"] >= 1 and late["groups"] > 0
+    # Its first results were generated with the weights it was sent, never the initial ones.
+    assert late["min_result_version"] >= late["joined_at_version"]
+    assert replicas["0"]["groups"] > 0 and replicas["1"]["groups"] > 0

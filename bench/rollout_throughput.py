@@ -1,0 +1,261 @@
+"""Benchmark: rollout throughput (generated tokens/s) of the vLLM engine inside Gantry's rollout
+worker against the same engine called directly, measured in the same run.
+
+    .venv/bin/python bench/rollout_throughput.py [--prompts 256] [--rounds 3] [--model DIR]
+        [--config configs/quickstart-grpo.toml] [--dataset datasets/arithmetic.py]
+        [rollout.batch_size=32 ...]
+
+It makes a run directory the way the launcher does (resolved config, `RunInfo`; the built-in
+tiny model is built in a temporary directory unless `--model` names one), starts a real
+redis-server, and builds one `rollout.worker.RolloutWorker` (which makes its engine with
+`make_engine`). On that one engine, in alternation so that both meet the same machine load:
+  (a) direct: `worker.engine.generate` on the first `--prompts` dataset prompts, in batches of
+      `rollout.batch_size`, with the worker's own sampling settings and seeds; prompt token ids
+      are made beforehand, as the worker makes them, and are not timed;
+  (b) Gantry: the real worker loop (`worker.run()`, on the main thread as in `python -m
+      rollout`) fed the same prompts through its Redis prompt stream by a controller thread that
+      keeps up to 2 x batch_size prompts queued, as the controller does (the first window is
+      queued before the loop starts, so every batch is whole and seeded like the direct one),
+      reads the `RolloutGroup`s from the rollouts stream, then sends `Stop`. Timed from the
+      first prompt sent to the last result read: tokenizing, scoring, Redis included.
+Tokens/s = tokens generated / seconds. A warm-up round of each side comes first; it prints the
+medians, whether both sides generated the same tokens, and the ratio against the goal (Gantry
+>= 0.95x of direct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: make `gantry` and `rollout` importable
+
+GOAL_RATIO = 0.95
+GROUP = "bench"  # the bench's consumer group on the rollouts stream (the controller's role)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=256, help="prompts per round")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side")
+    parser.add_argument("--model", help="HF model directory (default: the built-in tiny model)")
+    parser.add_argument("--config", default=str(ROOT / "configs/quickstart-grpo.toml"))
+    parser.add_argument("--dataset", default=str(ROOT / "datasets/arithmetic.py"))
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rollout.batch_size=32")
+    return parser.parse_args()
+
+
+def make_run(args: argparse.Namespace, scratch: Path, redis_url: str):
+    """A run directory as the launcher writes it; returns (config, info) read back from it."""
+    from gantry.config import load_config, write_resolved_config
+    from gantry.launcher import resolve_model
+    from gantry.placement import resolve_parallelism
+    from gantry.plugin import load_dataset_script
+    from gantry.runtime import RunInfo, load_run
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"policy.model_name_or_path={args.model}")
+    config = resolve_parallelism(load_config(args.config, overrides))
+    script = load_dataset_script(args.dataset)
+    size = len(script.load_samples(config.custom))
+    if args.prompts > size:
+        sys.exit(f"error: --prompts {args.prompts} > the dataset's {size} samples")
+    run_dir = scratch / "run"
+    run_dir.mkdir()
+    write_resolved_config(config, run_dir / "config.json")
+    RunInfo(
+        run_id="bench",
+        run_dir=str(run_dir),
+        redis_url=redis_url,
+        dataset_script=str(script.path),
+        dataset_size=size,
+        model_path=resolve_model(config.policy.model_name_or_path, scratch),
+    ).write()
+    return load_run(str(run_dir))
+
+
+def record_batches(worker) -> list[int]:
+    """Wrap the worker's engine.generate to record the number of prompts of each call."""
+    sizes: list[int] = []
+    generate = worker.engine.generate
+
+    def recording(prompts, sampling):
+        sizes.append(len(prompts))
+        return generate(prompts, sampling)
+
+    worker.engine.generate = recording
+    return sizes
+
+
+def direct_round(worker, batches: list[list]) -> tuple[float, dict]:
+    """(seconds, token ids by prompt id) of the engine called directly on `batches`, each a
+    list of (task, prompt token ids)."""
+    engine = worker.engine
+    tokens = {}
+    started = time.perf_counter()
+    for batch in batches:
+        tasks = [task for task, _ in batch]
+        outputs = engine.generate([ids for _, ids in batch], worker._sampling(tasks))
+        for task, completions in zip(tasks, outputs, strict=True):
+            tokens[task.prompt_id] = [c.token_ids for c in completions]
+    return time.perf_counter() - started, tokens
+
+
+def gantry_round(worker, tasks: list, window: int) -> tuple[float, dict]:
+    """(seconds, token ids by prompt id) of the worker loop fed `tasks` through Redis."""
+    from gantry.protocol import Stop
+    from gantry.transport import ControlPlane
+
+    plane = ControlPlane(worker.info.redis_url)
+    keys, prompts = worker.keys, worker.keys.prompts(worker.replica)
+    plane.ensure_group(keys.rollouts, GROUP)
+    plane.redis.xgroup_setid(keys.rollouts, GROUP, "$")  # skip earlier rounds' results
+    tokens: dict = {}
+    errors: list[BaseException] = []
+    started = time.perf_counter()
+    plane.send_many(prompts, tasks[:window])  # queued before the loop reads: whole batches
+    sent = min(window, len(tasks))
+
+    def controller() -> None:
+        nonlocal sent
+        try:
+            while len(tokens) < len(tasks):
+                deliveries = plane.read_group([keys.rollouts], GROUP, GROUP, 256, 200)
+                for d in deliveries:
+                    tokens[d.message.prompt_id] = [s.token_ids for s in d.message.samples]
+                plane.ack(keys.rollouts, GROUP, [d.entry_id for d in deliveries])
+                room = window - (sent - len(tokens))
+                if room > 0 and sent < len(tasks):
+                    plane.send_many(prompts, tasks[sent : sent + room])
+                    sent += len(tasks[sent : sent + room])
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            errors.append(exc)
+        finally:
+            finished[0] = time.perf_counter()
+            plane.send(keys.commands("rollout", worker.replica), Stop(reason="bench round done"))
+
+    finished = [0.0]
+    thread = threading.Thread(target=controller, name="bench-controller")
+    thread.start()
+    worker.stopping = False  # run() again for this round (a Stop ended the last one)
+    worker.run()
+    thread.join()
+    plane.close()
+    if errors:
+        raise errors[0]
+    return finished[0] - started, tokens
+
+
+def count(tokens: dict) -> int:
+    return sum(len(ids) for group in tokens.values() for ids in group)
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # as `python -m rollout` does
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    from gantry.protocol import PromptTask
+    from gantry.redis_server import RedisServer
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="gantry-bench-rollout-") as tmp:
+        scratch = Path(tmp)
+        with RedisServer(scratch / "redis") as server:
+            config, info = make_run(args, scratch, server.url)
+            from rollout.worker import RolloutWorker  # vLLM loads here
+
+            started = time.perf_counter()
+            worker = RolloutWorker(config, info, "0")
+            startup = time.perf_counter() - started
+            try:
+                figures = measure(args, worker, PromptTask)
+            finally:
+                worker.engine.close()
+                worker.plane.close()
+    figures.update(startup=startup, load=(load_before, os.getloadavg()[0]))
+    report(args, config, figures)
+
+
+def measure(args: argparse.Namespace, worker, prompt_task) -> dict:
+    """Warm-up, then `args.rounds` rounds of each side in alternating order."""
+    size = worker.config.rollout.batch_size
+    tasks = [prompt_task(prompt_id=f"0:{i}", epoch=0, index=i) for i in range(args.prompts)]
+    pairs = [(task, worker._prompt_ids(task.index)) for task in tasks]
+    batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+    sizes = record_batches(worker)
+    window = 2 * size  # the controller keeps up to twice a batch queued at each replica
+    times: dict[str, list] = {"direct": [], "gantry": []}
+    tokens: dict[str, list] = {"direct": [], "gantry": []}
+    identical = True
+    for run in range(args.rounds + 1):  # run 0: warm-up
+        sides = ("direct", "gantry") if run % 2 == 0 else ("gantry", "direct")
+        produced = {}
+        for side in sides:
+            if side == "direct":
+                seconds, produced[side] = direct_round(worker, batches)
+            else:
+                sizes.clear()
+                seconds, produced[side] = gantry_round(worker, tasks, window)
+                gantry_batches = list(sizes)
+            if run > 0:
+                times[side].append(seconds)
+                tokens[side].append(count(produced[side]))
+        identical = identical and produced["direct"] == produced["gantry"]
+    return {"times": times, "tokens": tokens, "identical": identical, "batches": gantry_batches}
+
+
+def report(args: argparse.Namespace, config, figures: dict) -> None:
+    rollout = config.rollout
+    print(
+        f"model: {config.policy.model_name_or_path}; {args.prompts} prompts x "
+        f"n_generation {rollout.n_generation}, max_response_length "
+        f"{rollout.max_response_length}, batch_size {rollout.batch_size}; "
+        f"{args.rounds} rounds each after a warm-up; engine start-up {figures['startup']:.1f}s"
+    )
+    rates = {}
+    for side, label in (("direct", "direct engine.generate"), ("gantry", "Gantry RolloutWorker")):
+        seconds, per_round = figures["times"][side], rates_of(figures, side)
+        rates[side] = statistics.median(per_round)
+        print(
+            f"{label:<24} tokens {figures['tokens'][side][0]:>6}  median "
+            f"{statistics.median(seconds):.3f}s  median {rates[side]:.0f} tok/s  "
+            f"[{', '.join(f'{r:.0f}' for r in per_round)}]"
+        )
+    same = "yes" if figures["identical"] else "NO"
+    print(f"same tokens on both sides (every prompt, every sample): {same}")
+    batches = figures["batches"]
+    print(f"worker generate calls in the last Gantry round: {len(batches)}, sizes {set(batches)}")
+    print("machine load (1-min average) before / after: {:.2f} / {:.2f}".format(*figures["load"]))
+    # Each round's sides ran back to back: their ratio cancels load that drifts between rounds.
+    sides = zip(rates_of(figures, "gantry"), rates_of(figures, "direct"), strict=True)
+    paired = [gantry / direct for gantry, direct in sides]
+    ratio = statistics.median(paired)
+    print(
+        f"ratio of medians gantry / direct: {rates['gantry'] / rates['direct']:.3f}x; "
+        f"per round: [{', '.join(f'{r:.3f}' for r in paired)}]"
+    )
+    verdict = "PASS" if ratio >= GOAL_RATIO else "FAIL"
+    print(
+        f"median per-round ratio gantry / direct (tokens/s): {ratio:.3f}x "
+        f"(goal >= {GOAL_RATIO}x): {verdict}"
+    )
+
+
+def rates_of(figures: dict, side: str) -> list[float]:
+    pairs = zip(figures["tokens"][side], figures["times"][side], strict=True)
+    return [tokens / seconds for tokens, seconds in pairs]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The controller's view of the rollout replicas: prompts by free room under the staleness
+budget, sync plans per membership, versions checked on results."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.fleet import RolloutFleet
+
+
+def fleet(capacity: int = 4) -> RolloutFleet:
+    return RolloutFleet(capacity=capacity, run_id="r", host="127.0.0.1", port=1, timeout_s=5.0)
+
+
+def test_prompts_go_to_the_replica_with_most_free_room():
+    f = fleet(capacity=4)
+    f.register("0", 1, holds_version=0, policy_version=0)
+    f.register("1", 2, holds_version=0, policy_version=0)
+    for i in range(3):
+        f.dispatched("0", f"0:{i}")  # replica 0 is busy with 3 prompts, replica 1 idle
+    picks = f.assign(4, {"0": 10, "1": 10})
+    assert picks == ["1", "1", "1", "0"]  # 4 free, then both at 1: ties go by name
+    assert f.assign(10, {"0": 10, "1": 10}) == ["1", "1", "1", "0", "1"]  # all the room left
+
+
+def test_budget_caps_the_total_and_keeps_a_replica_behind_out():
+    f = fleet(capacity=8)
+    f.register("0", 1, holds_version=3, policy_version=3)
+    f.register("late", 1, holds_version=0, policy_version=3)
+    # "late" still holds the initial weights: nothing it generates now would be trainable.
+    assert f.assign(5, {"0": 5, "late": 0}) == ["0"] * 5
+    assert f.assign(5, {"0": 2, "late": 5}) == ["0", "late", "late", "late", "late"]
+    assert f.behind(3) == ["late"]
+    f.synced(["late"], 3)
+    assert f.behind(3) == []
+
+
+def test_one_plan_per_membership_and_a_restart_voids_it():
+    f = fleet()
+    f.register("0", 2, holds_version=0, policy_version=0)
+    f.register("1", 1, holds_version=0, policy_version=0)
+    both = f.plan(["1", "0"])
+    assert f.plan(["0", "1"]) is both
+    assert [(r.replica, r.ranks) for r in both.receivers] == [("0", 2), ("1", 1)]
+    alone = f.plan(["1"])
+    assert alone.group != both.group
+    f.register("0", 2, holds_version=0, policy_version=5)  # replica 0 restarted
+    again = f.plan(["0", "1"])
+    assert again.group not in {both.group, alone.group}
+    assert f.plan(["1"]) is alone  # groups without the restarted replica stay valid
+
+
+def test_results_are_counted_and_their_version_checked():
+    f = fleet()
+    f.register("0", 1, holds_version=0, policy_version=0)
+    f.dispatched("0", "0:1")
+    f.synced(["0"], 2)
+    f.dispatched("0", "0:2")  # handed out after the sync to v2 was ordered
+    f.returned("0", "0:1", 1)  # generated before the sync: fine
+    with pytest.raises(RuntimeError, match="generated 0:2 with weights v1"):
+        f.returned("0", "0:2", 1)
+    assert f.stats()["0"]["groups"] == 2 and f.in_flight == {}

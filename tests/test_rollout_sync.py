@@ -1,0 +1,99 @@
+"""Weight sync into vLLM, tensor parallel or not: a 2-rank FSDP2 policy (torchrun) sends, the
+engine's TP workers receive and load in place.
+
+After each sync the weights read back from every TP worker equal the policy's, and the
+log-probs vLLM reports for its samples equal those the policy computes for the same tokens
+(a transformers forward pass over the policy's weights), so the importance ratio right after
+a sync is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gantry.protocol import Receiver, SyncPlan
+from gantry.redis_server import free_port
+from rollout.engine import SamplingSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "tests" / "sync_peers.py"
+PROMPTS = [[5, 6, 7], [10, 11, 12, 13]]
+LOGPROB_TOL = 1e-4
+on_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU build of vLLM")
+
+
+@torch.no_grad()
+def policy_logprobs(model, prompt: list[int], tokens: list[int], temperature: float):
+    ids = torch.tensor([prompt + tokens])
+    logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def start_policy(tmp_path: Path, model_dir: Path, syncs: list[tuple[int, SyncPlan]]):
+    syncs_file = tmp_path / "syncs.json"
+    syncs_file.write_text(json.dumps([{"version": v, "plan": p.model_dump()} for v, p in syncs]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(PEERS), "policy", str(model_dir), str(tmp_path), str(syncs_file), "1",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    log = open(tmp_path / "policy.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def check_sync(engine, tmp_path: Path, model_dir: Path, tp: int) -> None:
+    from tests.sync_peers import wait_for, wait_for_manifest
+
+    port = free_port()
+    plan = SyncPlan(
+        group="t/plan1", host="127.0.0.1", port=port,
+        receivers=[Receiver(replica="0", ranks=tp)], timeout_s=120.0,
+    )  # fmt: skip
+    policy = start_policy(tmp_path, model_dir, [(1, plan), (2, plan)])
+    try:
+        manifest = wait_for_manifest(tmp_path)
+        for version in (1, 2):
+            engine.receive_weights(plan, manifest, version, "0")
+            sent = torch.load(wait_for(tmp_path / f"policy_v{version}.pt"))
+            held = engine.read_weights()
+            for name, tensor in sent.items():
+                assert torch.equal(held[name], tensor), (version, name)
+        assert policy.wait(timeout=120) == 0, (tmp_path / "policy.log").read_text()[-4000:]
+    finally:
+        policy.kill()
+    # The policy recomputes the log-probs of what vLLM sampled with the synced weights.
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.load_state_dict(sent, strict=False)
+    sampling = SamplingSettings(n=2, temperature=0.7, max_tokens=16, seed=3)
+    worst = 0.0
+    for prompt, completions in zip(PROMPTS, engine.generate(PROMPTS, sampling), strict=True):
+        for c in completions:
+            expected = policy_logprobs(model, prompt, c.token_ids, 0.7)
+            worst = max(worst, (expected - torch.tensor(c.logprobs)).abs().max().item())
+    assert worst < LOGPROB_TOL
+
+
+@on_cpu
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_vllm_holds_the_policy_weights_after_a_sync(tmp_path, tiny_model_dir, tp):
+    from rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        str(tiny_model_dir), tp_size=tp, max_model_len=256, dtype="float32",
+        kv_cache_memory_bytes=64 << 20,
+    )  # fmt: skip
+    try:
+        check_sync(engine, tmp_path, tiny_model_dir, tp)
+    finally:
+        engine.close()
