@@ -7,6 +7,8 @@
     python tests/sync_peers.py receiver MODEL OUT SYNCS.json REPLICA
         A transformers rollout engine as replica REPLICA: takes part in each sync that names
         it and saves what the engine then holds as OUT/{REPLICA}_v{version}.pt.
+    python tests/sync_peers.py vllm MODEL OUT SYNCS.json REPLICA
+        The same with a vLLM engine, tensor parallel over the replica's ranks in the plan.
 
 SYNCS.json is a list of {"version": int, "plan": SyncPlan as a dict}.
 """
@@ -85,15 +87,27 @@ def policy(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica
     dist.destroy_process_group()
 
 
-def receiver(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica: str) -> None:
-    from rollout.hf_engine import HFEngine
+def receiver(
+    model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica: str, backend: str
+) -> None:
+    if backend == "vllm":
+        from rollout.vllm_engine import VLLMEngine
 
-    engine = HFEngine(model_dir)
+        plan = syncs[0][1]
+        tp = next(r.ranks for r in plan.receivers if r.replica == replica)
+        engine = VLLMEngine(
+            model_dir, tp_size=tp, max_model_len=256, dtype="float32", gpu_memory_utilization=0.3
+        )
+    else:
+        from rollout.hf_engine import HFEngine
+
+        engine = HFEngine(model_dir)
     manifest = wait_for_manifest(out)
     for version, plan in syncs:
         if replica in {r.replica for r in plan.receivers}:
             engine.receive_weights(plan, manifest, version, replica)
-            torch.save(engine.read_weights(), out / f"{replica}_v{version}.pt")
+            save_atomic(engine.read_weights(), out / f"{replica}_v{version}.pt")
+    engine.close()
 
 
 if __name__ == "__main__":
@@ -101,4 +115,4 @@ if __name__ == "__main__":
     if role == "policy":
         policy(model, Path(out_dir), load_syncs(syncs_file), int(extra))
     else:
-        receiver(model, Path(out_dir), load_syncs(syncs_file), extra)
+        receiver(model, Path(out_dir), load_syncs(syncs_file), extra, backend=role)

@@ -37,16 +37,26 @@ def policy_logprobs(model, prompt: list[int], tokens: list[int], temperature: fl
     return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
-def start_policy(tmp_path: Path, model_dir: Path, syncs: list[tuple[int, SyncPlan]]):
+def write_syncs(tmp_path: Path, syncs: list[tuple[int, SyncPlan]]) -> Path:
     syncs_file = tmp_path / "syncs.json"
     syncs_file.write_text(json.dumps([{"version": v, "plan": p.model_dump()} for v, p in syncs]))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(PEERS), "policy", str(model_dir), str(tmp_path), str(syncs_file), "1",
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    log = open(tmp_path / "policy.log", "w")  # noqa: SIM115 - closed with the process
+    return syncs_file
+
+
+def start_peer(tmp_path: Path, name: str, cmd: list[str], **env) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env)
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_policy(
+    tmp_path: Path, model_dir: Path, syncs: list[tuple[int, SyncPlan]], nproc: int = 2, **env
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(PEERS), "policy", str(model_dir), str(tmp_path), str(write_syncs(tmp_path, syncs)), "1",
+    ]  # fmt: skip
+    return start_peer(tmp_path, "policy", cmd, **env)
 
 
 def check_sync(engine, tmp_path: Path, model_dir: Path, tp: int) -> None:
@@ -97,3 +107,37 @@ def test_vllm_holds_the_policy_weights_after_a_sync(tmp_path, tiny_model_dir, tp
         check_sync(engine, tmp_path, tiny_model_dir, tp)
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_nccl_sync_into_vllm_on_gpu(tmp_path, tiny_model_dir, tp):
+    """NCCL from a policy rank on GPU 0 to a vLLM replica on the next `tp` GPUs (NCCL needs
+    one GPU per member)."""
+    if torch.cuda.device_count() < 1 + tp:
+        pytest.skip(f"needs {1 + tp} GPUs")
+    plan = SyncPlan(
+        group="t/gpu", host="127.0.0.1", port=free_port(),
+        receivers=[Receiver(replica="0", ranks=tp)], timeout_s=300.0,
+    )  # fmt: skip
+    syncs = [(1, plan), (2, plan)]
+    policy = start_policy(tmp_path, tiny_model_dir, syncs, nproc=1, CUDA_VISIBLE_DEVICES="0")
+    devices = ",".join(str(i) for i in range(1, 1 + tp))
+    cmd = [sys.executable, str(PEERS), "vllm", str(tiny_model_dir), str(tmp_path),
+           str(tmp_path / "syncs.json"), "0"]  # fmt: skip
+    rollout = start_peer(tmp_path, "rollout", cmd, CUDA_VISIBLE_DEVICES=devices)
+    try:
+        for name, process in (("policy", policy), ("rollout", rollout)):
+            log = (tmp_path / f"{name}.log").read_text
+            assert process.wait(timeout=540) == 0, log()[-4000:]
+    finally:
+        policy.kill()
+        rollout.kill()
+    for version in (1, 2):
+        sent = torch.load(tmp_path / f"policy_v{version}.pt")
+        held = torch.load(tmp_path / f"0_v{version}.pt")
+        for name, tensor in sent.items():
+            assert torch.equal(held[name].cpu(), tensor.cpu()), (version, name)
