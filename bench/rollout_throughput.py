@@ -14,13 +14,16 @@ redis-server, and builds one `rollout.worker.RolloutWorker` (which makes its eng
       are made beforehand, as the worker makes them, and are not timed;
   (b) Gantry: the real worker loop (`worker.run()`, on the main thread as in `python -m
       rollout`) fed the same prompts through its Redis prompt stream by a controller thread that
-      keeps up to 2 x batch_size prompts queued, as the controller does (the first window is
-      queued before the loop starts, so every batch is whole and seeded like the direct one),
-      reads the `RolloutGroup`s from the rollouts stream, then sends `Stop`. Timed from the
-      first prompt sent to the last result read: tokenizing, scoring, Redis included.
+      keeps up to 2 x batch_size prompts queued, as the controller does, reads the
+      `RolloutGroup`s from the rollouts stream, then sends `Stop`. Timed from the first prompt
+      sent to the last result read: tokenizing, scoring, Redis included. With `--dispatch
+      prefill` (default) the first window is queued before the loop starts, so every batch is
+      whole and seeded like the direct one and both sides generate the same tokens; with
+      `--dispatch register` it is sent once the worker registered, as the controller does.
 Tokens/s = tokens generated / seconds. A warm-up round of each side comes first; it prints the
-medians, whether both sides generated the same tokens, and the ratio against the goal (Gantry
->= 0.95x of direct).
+medians, whether both sides generated the same tokens, the worker's batch sizes, and the median
+of the per-round ratios (each round's two sides run back to back) against the goal: Gantry
+>= 0.95x of direct.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=256, help="prompts per round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side")
+    parser.add_argument(
+        "--dispatch",
+        choices=("prefill", "register"),
+        default="prefill",
+        help="prefill: queue the first prompts before the worker loop starts, so batches and "
+        "seeds match the direct side; register: send them once the worker registered, as the "
+        "controller does",
+    )
     parser.add_argument("--model", help="HF model directory (default: the built-in tiny model)")
     parser.add_argument("--config", default=str(ROOT / "configs/quickstart-grpo.toml"))
     parser.add_argument("--dataset", default=str(ROOT / "datasets/arithmetic.py"))
@@ -110,49 +121,70 @@ def direct_round(worker, batches: list[list]) -> tuple[float, dict]:
     return time.perf_counter() - started, tokens
 
 
-def gantry_round(worker, tasks: list, window: int) -> tuple[float, dict]:
-    """(seconds, token ids by prompt id) of the worker loop fed `tasks` through Redis."""
-    from gantry.protocol import Stop
-    from gantry.transport import ControlPlane
+class Controller:
+    """The controller's side of one Gantry round, for the worker's replica: keeps up to
+    `window` prompts queued, reads the results, then sends Stop."""
 
-    plane = ControlPlane(worker.info.redis_url)
-    keys, prompts = worker.keys, worker.keys.prompts(worker.replica)
-    plane.ensure_group(keys.rollouts, GROUP)
-    plane.redis.xgroup_setid(keys.rollouts, GROUP, "$")  # skip earlier rounds' results
-    tokens: dict = {}
-    errors: list[BaseException] = []
-    started = time.perf_counter()
-    plane.send_many(prompts, tasks[:window])  # queued before the loop reads: whole batches
-    sent = min(window, len(tasks))
+    def __init__(self, worker, tasks: list, window: int) -> None:
+        from gantry.transport import ControlPlane
 
-    def controller() -> None:
-        nonlocal sent
+        self.plane = ControlPlane(worker.info.redis_url)
+        self.keys, self.replica = worker.keys, worker.replica
+        self.tasks, self.window, self.sent = tasks, window, 0
+        self.tokens: dict = {}  # prompt id -> token ids of its samples
+        self.started = self.finished = 0.0
+        self.error: BaseException | None = None
+        for stream in (self.keys.rollouts, self.keys.events):
+            self.plane.ensure_group(stream, GROUP)
+            self.plane.redis.xgroup_setid(stream, GROUP, "$")  # skip earlier rounds' messages
+
+    def top_up(self) -> None:
+        if not self.started:
+            self.started = time.perf_counter()
+        room = self.window - (self.sent - len(self.tokens))
+        batch = self.tasks[self.sent : self.sent + max(room, 0)]
+        if batch:
+            self.plane.send_many(self.keys.prompts(self.replica), batch)
+            self.sent += len(batch)
+
+    def run(self, wait_for_register: bool) -> None:
+        from gantry.protocol import Register, Stop
+
         try:
-            while len(tokens) < len(tasks):
-                deliveries = plane.read_group([keys.rollouts], GROUP, GROUP, 256, 200)
-                for d in deliveries:
-                    tokens[d.message.prompt_id] = [s.token_ids for s in d.message.samples]
-                plane.ack(keys.rollouts, GROUP, [d.entry_id for d in deliveries])
-                room = window - (sent - len(tokens))
-                if room > 0 and sent < len(tasks):
-                    plane.send_many(prompts, tasks[sent : sent + room])
-                    sent += len(tasks[sent : sent + room])
+            while wait_for_register:  # as the controller: dispatch once the replica registered
+                events = self.plane.read_group([self.keys.events], GROUP, GROUP, 16, 200)
+                wait_for_register = not any(isinstance(e.message, Register) for e in events)
+            self.top_up()
+            while len(self.tokens) < len(self.tasks):
+                results = self.plane.read_group([self.keys.rollouts], GROUP, GROUP, 256, 200)
+                for d in results:
+                    self.tokens[d.message.prompt_id] = [s.token_ids for s in d.message.samples]
+                self.plane.ack(self.keys.rollouts, GROUP, [d.entry_id for d in results])
+                self.top_up()
         except BaseException as exc:  # handed to the main thread, which re-raises it
-            errors.append(exc)
+            self.error = exc
         finally:
-            finished[0] = time.perf_counter()
-            plane.send(keys.commands("rollout", worker.replica), Stop(reason="bench round done"))
+            self.finished = time.perf_counter()
+            stop = Stop(reason="bench round done")
+            self.plane.send(self.keys.commands("rollout", self.replica), stop)
 
-    finished = [0.0]
-    thread = threading.Thread(target=controller, name="bench-controller")
+
+def gantry_round(worker, tasks: list, window: int, dispatch: str) -> tuple[float, dict]:
+    """(seconds, token ids by prompt id) of the worker loop fed `tasks` through Redis."""
+    controller = Controller(worker, tasks, window)
+    if dispatch == "prefill":
+        controller.top_up()  # queued before the loop first reads: every batch is whole
+    thread = threading.Thread(
+        target=controller.run, args=(dispatch == "register",), name="bench-controller"
+    )
     thread.start()
     worker.stopping = False  # run() again for this round (a Stop ended the last one)
     worker.run()
     thread.join()
-    plane.close()
-    if errors:
-        raise errors[0]
-    return finished[0] - started, tokens
+    controller.plane.close()
+    if controller.error is not None:
+        raise controller.error
+    return controller.finished - controller.started, controller.tokens
 
 
 def count(tokens: dict) -> int:
@@ -165,7 +197,6 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # as `python -m rollout` does
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    from gantry.protocol import PromptTask
     from gantry.redis_server import RedisServer
 
     load_before = os.getloadavg()[0]
@@ -179,7 +210,7 @@ def main() -> None:
             worker = RolloutWorker(config, info, "0")
             startup = time.perf_counter() - started
             try:
-                figures = measure(args, worker, PromptTask)
+                figures = measure(args, worker)
             finally:
                 worker.engine.close()
                 worker.plane.close()
@@ -187,10 +218,12 @@ def main() -> None:
     report(args, config, figures)
 
 
-def measure(args: argparse.Namespace, worker, prompt_task) -> dict:
+def measure(args: argparse.Namespace, worker) -> dict:
     """Warm-up, then `args.rounds` rounds of each side in alternating order."""
+    from gantry.protocol import PromptTask
+
     size = worker.config.rollout.batch_size
-    tasks = [prompt_task(prompt_id=f"0:{i}", epoch=0, index=i) for i in range(args.prompts)]
+    tasks = [PromptTask(prompt_id=f"0:{i}", epoch=0, index=i) for i in range(args.prompts)]
     pairs = [(task, worker._prompt_ids(task.index)) for task in tasks]
     batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
     sizes = record_batches(worker)
@@ -206,7 +239,7 @@ def measure(args: argparse.Namespace, worker, prompt_task) -> dict:
                 seconds, produced[side] = direct_round(worker, batches)
             else:
                 sizes.clear()
-                seconds, produced[side] = gantry_round(worker, tasks, window)
+                seconds, produced[side] = gantry_round(worker, tasks, window, args.dispatch)
                 gantry_batches = list(sizes)
             if run > 0:
                 times[side].append(seconds)
@@ -228,14 +261,13 @@ def report(args: argparse.Namespace, config, figures: dict) -> None:
         seconds, per_round = figures["times"][side], rates_of(figures, side)
         rates[side] = statistics.median(per_round)
         print(
-            f"{label:<24} tokens {figures['tokens'][side][0]:>6}  median "
+            f"{label:<24} tokens {_runs(figures['tokens'][side], 'd')}  median "
             f"{statistics.median(seconds):.3f}s  median {rates[side]:.0f} tok/s  "
             f"[{', '.join(f'{r:.0f}' for r in per_round)}]"
         )
     same = "yes" if figures["identical"] else "NO"
-    print(f"same tokens on both sides (every prompt, every sample): {same}")
-    batches = figures["batches"]
-    print(f"worker generate calls in the last Gantry round: {len(batches)}, sizes {set(batches)}")
+    print(f"same tokens on both sides, every prompt and sample, every round: {same}")
+    print(f"worker generate calls (prompts each), last Gantry round: {figures['batches']}")
     print("machine load (1-min average) before / after: {:.2f} / {:.2f}".format(*figures["load"]))
     # Each round's sides ran back to back: their ratio cancels load that drifts between rounds.
     sides = zip(rates_of(figures, "gantry"), rates_of(figures, "direct"), strict=True)
@@ -250,6 +282,13 @@ def report(args: argparse.Namespace, config, figures: dict) -> None:
         f"median per-round ratio gantry / direct (tokens/s): {ratio:.3f}x "
         f"(goal >= {GOAL_RATIO}x): {verdict}"
     )
+
+
+def _runs(values: list, fmt: str) -> str:
+    """One value if all are equal, else the list."""
+    if len(set(values)) == 1:
+        return format(values[0], fmt)
+    return "[" + ", ".join(format(v, fmt) for v in values) + "]"
 
 
 def rates_of(figures: dict, side: str) -> list[float]:

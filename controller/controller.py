@@ -231,7 +231,7 @@ class Controller:
         elif isinstance(message, UploadDone):
             self._on_upload_done(message)
         elif isinstance(message, WeightsSynced):
-            log.info(
+            log.debug(
                 "rollout %s now at v%d (sync took %.3fs)",
                 message.replica, message.version, message.seconds,
             )  # fmt: skip

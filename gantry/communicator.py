@@ -204,6 +204,13 @@ def check_in(store: dist.Store, plan: SyncPlan, senders: int, me: str, version: 
 # Sending (a policy rank holding shard `sender` of every entry)
 
 
+@dataclass(frozen=True)
+class SendStats:
+    bytes: int
+    wait_s: float  # until every member checked in (receivers finishing a generate call)
+    send_s: float  # the transfer itself, group formation included on a plan's first sync
+
+
 class Sender:
     """One policy rank's side of the syncs: its group with all receivers, per plan."""
 
@@ -213,9 +220,11 @@ class Sender:
 
     def send(
         self, plan: SyncPlan, version: int, local_rows: Callable[[ManifestEntry], torch.Tensor]
-    ) -> int:
-        """Broadcast this rank's rows of every entry; returns the bytes sent."""
+    ) -> SendStats:
+        """Broadcast this rank's rows of every entry."""
+        started = time.perf_counter()
         check_in(self.store, plan, self.manifest.senders, f"policy sender {self.sender}", version)
+        arrived = time.perf_counter()
         group = self.groups.get(plan.group)
         if group is None:
             world = 1 + plan.receiver_ranks
@@ -236,7 +245,7 @@ class Sender:
                 in_flight.pop(0)[0].wait()
         for work, _ in in_flight:
             work.wait()
-        return sent
+        return SendStats(sent, arrived - started, time.perf_counter() - arrived)
 
 
 # ---------------------------------------------------------------------------------------------

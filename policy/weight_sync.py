@@ -72,10 +72,10 @@ class PolicySender:
         self.is_store_host = is_store_host
         self.sender: communicator.Sender | None = None
 
-    def send(self, plan: SyncPlan, version: int) -> int:
-        """Take part in the sync `plan`; returns the bytes this rank sent."""
+    def send(self, plan: SyncPlan, version: int) -> communicator.SendStats | None:
+        """Take part in the sync `plan` (None on ranks that are not senders)."""
         if not self.is_sender:
-            return 0
+            return None
         if self.sender is None:
             store = communicator.connect_store(
                 plan.host, plan.port, host_it=self.is_store_host, timeout_s=plan.timeout_s

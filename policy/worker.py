@@ -152,14 +152,13 @@ class PolicyWorker:
     # ---- weights, checkpoints, exports -------------------------------------------------
 
     def _send_weights(self, command: SyncWeights) -> None:
-        started = time.perf_counter()
-        sent = self.weights.send(command.plan, command.version)
-        if sent:
-            seconds = time.perf_counter() - started
+        stats = self.weights.send(command.plan, command.version)
+        if stats is not None and self.is_main:
             log.info(
-                "sent weights v%d: %.1f MB in %.3fs (%.2f GB/s) to %d rollout ranks",
-                command.version, sent / 1e6, seconds, sent / 1e9 / max(seconds, 1e-9),
-                command.plan.receiver_ranks,
+                "sent weights v%d to %d rollout ranks: %.1f MB in %.3fs (%.2f GB/s from this "
+                "rank), after %.3fs waiting for them",
+                command.version, command.plan.receiver_ranks, stats.bytes / 1e6, stats.send_s,
+                stats.bytes / 1e9 / max(stats.send_s, 1e-9), stats.wait_s,
             )  # fmt: skip
 
     def _save_checkpoint(self, command: Checkpoint) -> None:

@@ -132,7 +132,7 @@ class RolloutWorker:
         self.engine.receive_weights(command.plan, self.manifest, command.version, self.replica)
         self.version = command.version
         seconds = time.perf_counter() - started
-        log.info("weights v%d received and loaded in %.3fs", command.version, seconds)
+        log.debug("weights v%d received and loaded in %.3fs", command.version, seconds)
         self.plane.send(
             self.keys.events,
             WeightsSynced(replica=self.replica, version=command.version, seconds=seconds),
