@@ -105,3 +105,21 @@ def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
     # Its first results were generated with the weights it was sent, never the initial ones.
     assert late["min_result_version"] >= late["joined_at_version"]
     assert replicas["0"]["groups"] > 0 and replicas["1"]["groups"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_two_tensor_parallel_replicas(tmp_path):
+    """Two vLLM replicas of two TP worker processes each (CPU build): both generate, every
+    sync reaches all four ranks, staleness stays within the bound."""
+    result, run_dir, outcome = run_launcher(
+        tmp_path, "rollout.parallelism.tp_size=2", "rollout.parallelism.n_init_replicas=2",
+        "train.max_num_steps=6", timeout=580,
+    )  # fmt: skip
+    replicas = outcome["rollout_replicas"]
+    assert {r: s["ranks"] for r, s in replicas.items()} == {"0": 2, "1": 2}
+    assert all(s["groups"] > 0 and s["syncs"] >= 5 for s in replicas.values()), replicas
+    assert "to 4 rollout ranks" in result.stdout
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["staleness_max"] for m in metrics) <= 1
+    check_export(outcome["final_export"])
