@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,12 +31,22 @@ import torch.distributed as dist
 from gantry.protocol import SyncPlan
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
-# Buckets in flight per sender: one broadcasting while the next one is packed.
+# Buckets in flight: one being received (or packed) while the previous one is loaded (or sent).
 PIPELINE_DEPTH = 2
+# A tensor this large goes in broadcasts of its own, from and into its final place: no copies.
+DIRECT_MIN_BYTES = 1 << 20
 
 
 class SyncStalled(RuntimeError):
     """Members of a weight sync did not arrive in time."""
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def backend_for_device() -> str:
@@ -78,14 +89,17 @@ class Manifest:
     entries: list[ManifestEntry]
     senders: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    buckets: list[list[ManifestEntry]] = field(init=False, compare=False)
+    direct_min_bytes: int = DIRECT_MIN_BYTES
+    buckets: list[BucketLayout] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for e in self.entries:
             rows = e.shape[0] if e.shape else 1
             if len(e.splits) != self.senders or sum(e.splits) != rows:
                 raise ValueError(f"{e.name}: splits {e.splits} do not cover {rows} rows")
-        object.__setattr__(self, "buckets", plan_buckets(self.entries, self.bucket_bytes))
+        buckets = plan_buckets(self.entries, self.bucket_bytes)
+        layouts = [BucketLayout(b, self.senders, self.direct_min_bytes) for b in buckets]
+        object.__setattr__(self, "buckets", layouts)
 
     @property
     def total_bytes(self) -> int:
@@ -94,7 +108,12 @@ class Manifest:
     def to_json(self) -> str:
         entries = [[e.name, list(e.shape), e.dtype, list(e.splits)] for e in self.entries]
         return json.dumps(
-            {"senders": self.senders, "bucket_bytes": self.bucket_bytes, "entries": entries}
+            {
+                "senders": self.senders,
+                "bucket_bytes": self.bucket_bytes,
+                "direct_min_bytes": self.direct_min_bytes,
+                "entries": entries,
+            }
         )
 
     @classmethod
@@ -104,7 +123,7 @@ class Manifest:
             ManifestEntry(name, tuple(shape), dtype, tuple(splits))
             for name, shape, dtype, splits in data["entries"]
         ]
-        return cls(entries, data["senders"], data["bucket_bytes"])
+        return cls(entries, data["senders"], data["bucket_bytes"], data["direct_min_bytes"])
 
 
 def even_splits(rows: int, senders: int) -> tuple[int, ...]:
@@ -113,24 +132,102 @@ def even_splits(rows: int, senders: int) -> tuple[int, ...]:
     return tuple(max(0, min(size, rows - i * size)) for i in range(senders))
 
 
+def layer_of(name: str) -> str:
+    """The module that owns the module of parameter `name` (".self_attn" for its q/k/v_proj):
+    engines fuse parameters of one such module into one layer (vLLM's qkv_proj, gate_up_proj)."""
+    return name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+
+
 def plan_buckets(
     entries: list[ManifestEntry], bucket_bytes: int = DEFAULT_BUCKET_BYTES
 ) -> list[list[ManifestEntry]]:
-    """Split the entries into same-dtype buckets of at most `bucket_bytes` (or one tensor)."""
+    """Split the entries into same-dtype buckets of at most `bucket_bytes`, never splitting
+    the parameters of one layer (a layer larger than the bound goes alone). vLLM processes a
+    fused layer once all its parts arrived and holds the earlier ones until then, so a bucket
+    whose buffer is reused for the next one must complete every layer it starts."""
+    runs: list[list[ManifestEntry]] = []
+    for entry in entries:
+        last = runs[-1][0] if runs else None
+        if last and last.dtype == entry.dtype and layer_of(last.name) == layer_of(entry.name):
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
     buckets: list[list[ManifestEntry]] = []
     current: dict[str, tuple[list[ManifestEntry], int]] = {}
-    for entry in entries:
-        bucket, used = current.get(entry.dtype, ([], 0))
-        if bucket and used + entry.nbytes > bucket_bytes:
+    for run in runs:
+        size = sum(e.nbytes for e in run)
+        bucket, used = current.get(run[0].dtype, ([], 0))
+        if bucket and used + size > bucket_bytes:
             buckets.append(bucket)
             bucket, used = [], 0
-        current[entry.dtype] = (bucket + [entry], used + entry.nbytes)
+        current[run[0].dtype] = (bucket + run, used + size)
     buckets.extend(bucket for bucket, _ in current.values() if bucket)
     return buckets
 
 
-def part_numel(bucket: list[ManifestEntry], sender: int) -> int:
-    return sum(e.splits[sender] * e.row_numel for e in bucket)
+class BucketLayout:
+    """How one bucket travels. Receivers lay it out as its tensors end to end (`offsets`).
+    Each sender sends, in this order: its rows of the small entries packed into one flat
+    tensor (if it has any), then its rows of each large entry (>= `direct_min_bytes`) as a
+    broadcast of their own, which lands straight at its place in the receivers' layout."""
+
+    def __init__(self, entries: list[ManifestEntry], senders: int, direct_min_bytes: int) -> None:
+        self.entries, self.senders = entries, senders
+        self.dtype = entries[0].torch_dtype
+        self.offsets, numel = [], 0
+        for e in entries:
+            self.offsets.append(numel)
+            numel += e.numel
+        self.numel = numel
+        self.direct = [e.nbytes >= direct_min_bytes for e in entries]
+
+    def rows_start(self, index: int, sender: int) -> int:
+        """Element offset, in the receivers' layout, of `sender`'s rows of entry `index`."""
+        entry = self.entries[index]
+        return self.offsets[index] + sum(entry.splits[:sender]) * entry.row_numel
+
+    def packed(self, sender: int) -> list[int]:
+        return [i for i, e in enumerate(self.entries) if not self.direct[i] and e.splits[sender]]
+
+    def directs(self, sender: int) -> list[int]:
+        return [i for i, e in enumerate(self.entries) if self.direct[i] and e.splits[sender]]
+
+    def packed_numel(self, sender: int) -> int:
+        return sum(
+            self.entries[i].splits[sender] * self.entries[i].row_numel for i in self.packed(sender)
+        )
+
+    def sent_numel(self, sender: int) -> int:
+        return sum(e.splits[sender] * e.row_numel for e in self.entries)
+
+
+class Arena:
+    """A byte buffer reused bucket after bucket and carved into typed regions: memory that is
+    already mapped, instead of fresh allocations (page faults) for every bucket of every sync.
+    It grows to the largest bucket and never shrinks."""
+
+    ALIGN = 64
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self.used = 0
+
+    def reset(self, nbytes: int) -> None:
+        """Start a new bucket needing up to `nbytes` (regions of the last one become invalid)."""
+        if nbytes > self.buffer.numel():
+            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free first
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.used = 0
+
+    @classmethod
+    def span(cls, numels: list[int], dtype: torch.dtype) -> int:
+        return sum(-(-n * dtype.itemsize // cls.ALIGN) * cls.ALIGN for n in numels)
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        start, self.used = self.used, self.used + -(-nbytes // self.ALIGN) * self.ALIGN
+        return self.buffer[start : start + nbytes].view(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,17 +284,15 @@ def check_in(store: dist.Store, plan: SyncPlan, senders: int, me: str, version: 
     prefix = f"{plan.group}/v{version}/"
     store.set(prefix + me, "1")
     names = member_names(plan, senders)
-    deadline = time.monotonic() + plan.timeout_s
-    while True:
+    try:
+        store.wait([prefix + n for n in names], timedelta(seconds=plan.timeout_s))
+    except dist.DistStoreError:  # timed out: say who is missing
         missing = [n for n in names if not store.check([prefix + n])]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
+        if missing:
             raise SyncStalled(
                 f"weight sync v{version} ({plan.group}): {', '.join(missing)} did not arrive "
                 f"within {plan.timeout_s:.0f}s (rollout.weight_sync_timeout); {me} gave up"
-            )
-        time.sleep(0.02)
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +312,7 @@ class Sender:
     def __init__(self, manifest: Manifest, sender: int, store: dist.Store) -> None:
         self.manifest, self.sender, self.store = manifest, sender, store
         self.groups: dict[str, SyncGroup] = {}
+        self.arenas = [Arena(_device()) for _ in range(PIPELINE_DEPTH)]
 
     def send(
         self, plan: SyncPlan, version: int, local_rows: Callable[[ManifestEntry], torch.Tensor]
@@ -232,20 +328,51 @@ class Sender:
             group = self.groups[plan.group] = create_group(
                 self.store, prefix, 0, world, plan.timeout_s
             )
-        in_flight: list[tuple[dist.Work, torch.Tensor]] = []
+        in_flight: deque[list[dist.Work]] = deque()
         sent = 0
-        for bucket in self.manifest.buckets:
-            if part_numel(bucket, self.sender) == 0:
-                continue
-            parts = [local_rows(e).reshape(-1) for e in bucket if e.splits[self.sender]]
-            flat = torch.cat(parts).to(bucket[0].torch_dtype)
-            in_flight.append((group.broadcast(flat), flat))
-            sent += flat.numel() * flat.element_size()
-            if len(in_flight) >= PIPELINE_DEPTH:
-                in_flight.pop(0)[0].wait()
-        for work, _ in in_flight:
-            work.wait()
+        for i, bucket in enumerate(self.manifest.buckets):
+            if len(in_flight) == PIPELINE_DEPTH:  # the arena of bucket i - DEPTH is free again
+                _wait(in_flight.popleft())
+            tensors = self._outgoing(bucket, self.arenas[i % PIPELINE_DEPTH], local_rows)
+            in_flight.append([group.broadcast(t) for t in tensors])
+            sent += sum(t.numel() * t.element_size() for t in tensors)
+        while in_flight:
+            _wait(in_flight.popleft())
         return SendStats(sent, arrived - started, time.perf_counter() - arrived)
+
+    def _outgoing(
+        self,
+        bucket: BucketLayout,
+        arena: Arena,
+        local_rows: Callable[[ManifestEntry], torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """This sender's broadcasts of `bucket`, in the order receivers post them."""
+        me = self.sender
+        directs = [
+            bucket.entries[i].splits[me] * bucket.entries[i].row_numel for i in bucket.directs(me)
+        ]
+        arena.reset(Arena.span([bucket.packed_numel(me), *directs], bucket.dtype))
+        out = []
+        packed = bucket.packed(me)
+        if packed:
+            flat = arena.take(bucket.packed_numel(me), bucket.dtype)
+            offset = 0
+            for i in packed:
+                rows = local_rows(bucket.entries[i]).reshape(-1)
+                flat[offset : offset + rows.numel()].copy_(rows)  # casts to the transfer dtype
+                offset += rows.numel()
+            out.append(flat)
+        for i in bucket.directs(me):
+            rows = local_rows(bucket.entries[i])
+            if rows.dtype != bucket.dtype or not rows.is_contiguous():
+                rows = arena.take(rows.numel(), bucket.dtype).copy_(rows.reshape(-1))
+            out.append(rows.reshape(-1))  # the shard itself: no copy
+        return out
+
+
+def _wait(works: list[dist.Work]) -> None:
+    for work in works:
+        work.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,24 +385,29 @@ class Receiver:
     def __init__(self, manifest: Manifest, store: dist.Store, device: torch.device | str) -> None:
         self.manifest, self.store, self.device = manifest, store, torch.device(device)
         self.groups: dict[str, list[SyncGroup]] = {}
+        self.arenas = [Arena(self.device) for _ in range(PIPELINE_DEPTH)]
 
     def receive(
         self, plan: SyncPlan, version: int, replica: str, tp_rank: int
     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Yield each bucket's (name, full tensor) pairs as they arrive. Consume it to the end:
-        the senders block until every receiver took every bucket."""
+        """Yield each bucket's (name, full tensor) pairs as they arrive. The tensors are views
+        of a buffer that the bucket after next reuses: load or copy them before asking for
+        more. Consume to the end: the senders block until every receiver took every bucket."""
         me = f"rollout replica {replica} tp rank {tp_rank}"
         check_in(self.store, plan, self.manifest.senders, me, version)
         groups = self._groups(plan, plan.rank_of(replica, tp_rank))
         buckets = self.manifest.buckets
-        pending = [self._post(groups, b) for b in buckets[:PIPELINE_DEPTH]]
+        pending = deque(self._post(groups, i) for i in range(min(PIPELINE_DEPTH, len(buckets))))
         for i, bucket in enumerate(buckets):
-            works, parts = pending.pop(0)
-            for work in works:
-                work.wait()
-            if i + PIPELINE_DEPTH < len(buckets):
-                pending.append(self._post(groups, buckets[i + PIPELINE_DEPTH]))
-            yield list(_assemble(bucket, parts))
+            works, full, staging = pending.popleft()
+            _wait(works)
+            _unpack(bucket, full, staging)
+            yield [
+                (e.name, full[off : off + e.numel].view(e.shape))
+                for e, off in zip(bucket.entries, bucket.offsets, strict=True)
+            ]
+            if i + PIPELINE_DEPTH < len(buckets):  # into the arena bucket i just released
+                pending.append(self._post(groups, i + PIPELINE_DEPTH))
 
     def _groups(self, plan: SyncPlan, rank: int) -> list[SyncGroup]:
         if plan.group not in self.groups:
@@ -286,31 +418,35 @@ class Receiver:
             ]
         return self.groups[plan.group]
 
-    def _post(self, groups: list[SyncGroup], bucket: list[ManifestEntry]):
-        dtype = bucket[0].torch_dtype
-        parts, works = [], []
+    def _post(self, groups: list[SyncGroup], index: int):
+        """Post the receives of bucket `index`: direct rows into their place in the bucket's
+        layout, packed rows into one staging tensor per sender."""
+        bucket = self.manifest.buckets[index]
+        arena = self.arenas[index % PIPELINE_DEPTH]
+        packed = [bucket.packed_numel(s) for s in range(bucket.senders)]
+        arena.reset(Arena.span([bucket.numel, *packed], bucket.dtype))
+        full = arena.take(bucket.numel, bucket.dtype)
+        staging = [arena.take(n, bucket.dtype) for n in packed]
+        works = []
         for sender, group in enumerate(groups):
-            part = torch.empty(part_numel(bucket, sender), dtype=dtype, device=self.device)
-            parts.append(part)
-            if part.numel():
-                works.append(group.broadcast(part))
-        return works, parts
+            if packed[sender]:
+                works.append(group.broadcast(staging[sender]))
+            for i in bucket.directs(sender):
+                start = bucket.rows_start(i, sender)
+                n = bucket.entries[i].splits[sender] * bucket.entries[i].row_numel
+                works.append(group.broadcast(full[start : start + n]))
+        return works, full, staging
 
 
-def _assemble(
-    bucket: list[ManifestEntry], parts: list[torch.Tensor]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Cut each sender's flat part into its rows of each entry and join them per entry."""
-    offsets = [0] * len(parts)
-    for entry in bucket:
-        pieces = []
-        for sender, rows in enumerate(entry.splits):
-            n = rows * entry.row_numel
-            if n:
-                pieces.append(parts[sender][offsets[sender] : offsets[sender] + n])
-            offsets[sender] += n
-        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        yield entry.name, flat.view(entry.shape)
+def _unpack(bucket: BucketLayout, full: torch.Tensor, staging: list[torch.Tensor]) -> None:
+    """Copy each sender's packed rows of the small entries to their place in `full`."""
+    for sender, flat in enumerate(staging):
+        offset = 0
+        for i in bucket.packed(sender):
+            start = bucket.rows_start(i, sender)
+            n = bucket.entries[i].splits[sender] * bucket.entries[i].row_numel
+            full[start : start + n].copy_(flat[offset : offset + n])
+            offset += n
 
 
 def receive_and_load(

@@ -32,7 +32,11 @@ def shard_position(mesh: DeviceMesh) -> tuple[int, int, bool]:
 
 
 def build_manifest(
-    params: dict[str, torch.Tensor], senders: int, dtype: str, bucket_bytes: int
+    params: dict[str, torch.Tensor],
+    senders: int,
+    dtype: str,
+    bucket_bytes: int,
+    direct_min_bytes: int = communicator.DIRECT_MIN_BYTES,
 ) -> Manifest:
     entries = []
     for name, param in params.items():
@@ -42,7 +46,7 @@ def build_manifest(
         else:  # whole on every rank: the first sender sends it
             splits = (rows,) + (0,) * (senders - 1)
         entries.append(ManifestEntry(name, tuple(param.shape), dtype, splits))
-    return Manifest(entries, senders, bucket_bytes)
+    return Manifest(entries, senders, bucket_bytes, direct_min_bytes)
 
 
 def _row_sharded(param: torch.Tensor) -> bool:
@@ -65,10 +69,11 @@ class PolicySender:
         dtype: str,
         is_store_host: bool,
         bucket_bytes: int = communicator.DEFAULT_BUCKET_BYTES,
+        direct_min_bytes: int = communicator.DIRECT_MIN_BYTES,
     ) -> None:
         self.params = params
         self.index, senders, self.is_sender = shard_position(mesh)
-        self.manifest = build_manifest(params, senders, dtype, bucket_bytes)
+        self.manifest = build_manifest(params, senders, dtype, bucket_bytes, direct_min_bytes)
         self.is_store_host = is_store_host
         self.sender: communicator.Sender | None = None
 

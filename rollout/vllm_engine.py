@@ -337,6 +337,26 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             self.model_runner.get_model().load_weights(weights)
 
+    def _gantry_load_bucket(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Load one received bucket, whose tensors view a buffer reused for a later bucket.
+        The layerwise reload keeps the tensors of a layer it cannot process yet (a padded
+        vocabulary is never "complete" until the end): those are copied out."""
+        held = _layerwise_held_arguments()
+        if held is None:  # no layerwise reload to inspect: copy everything
+            self._gantry_load([(name, tensor.clone()) for name, tensor in weights])
+            return
+        self._gantry_load(weights)
+        storages = {tensor.untyped_storage().data_ptr() for _, tensor in weights}
+        for arguments in held():
+            for key, value in list(arguments.items()):
+                in_buffer = (
+                    isinstance(value, torch.Tensor)
+                    and key != "param"
+                    and value.untyped_storage().data_ptr() in storages
+                )
+                if in_buffer:
+                    arguments[key] = value.clone()
+
     def gantry_receive_weights(self, plan: dict, manifest: str, version: int, replica: str):
         """Receive a weight sync on this TP rank (full tensors; vLLM's weight loaders take
         this rank's slice) and load it in place, bucket by bucket."""
@@ -350,7 +370,7 @@ class WeightSyncExtension:
         try:
             receiver.receive(
                 SyncPlan.model_validate(plan), manifest, version, replica, tp_rank,
-                self._gantry_load,
+                self._gantry_load_bucket,
             )  # fmt: skip
         finally:
             self.gantry_finish_load()
@@ -391,6 +411,22 @@ def _layerwise_reload():
     except ImportError:
         return None
     return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+def _layerwise_held_arguments():
+    """A function listing the weight-loader arguments the layerwise reload holds for layers
+    not processed yet (None if this vLLM has no such reload)."""
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:
+        return None
+
+    def held():
+        for info in list(LAYERWISE_INFO.values()):
+            for _name, bound in info.loaded_weights:
+                yield bound.arguments
+
+    return held
 
 
 def _repack_tied_embeddings(model: torch.nn.Module) -> None:

@@ -70,8 +70,9 @@ def policy(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica
     tied = tied_weight_names(model)
     params = {n: p for n, p in model.named_parameters() if n not in tied}
     sender = PolicySender(
-        params, mesh, dtype="float32", is_store_host=env.rank == 0, bucket_bytes=64 * 1024
-    )
+        params, mesh, dtype="float32", is_store_host=env.rank == 0,
+        bucket_bytes=64 * 1024, direct_min_bytes=16 * 1024,  # several buckets, both paths
+    )  # fmt: skip
     if env.rank == 0:
         tmp = out / "manifest.json.tmp"
         tmp.write_text(sender.manifest.to_json())

@@ -62,36 +62,72 @@ def test_manifest_round_trips_and_checks_its_splits():
 
 def test_buckets_are_dtype_grouped_bounded_and_ordered():
     entries = [
-        ManifestEntry("a", (10,), "float32", (10,)),
-        ManifestEntry("b", (10,), "bfloat16", (10,)),
-        ManifestEntry("c", (30,), "float32", (30,)),
-        ManifestEntry("d", (5,), "float32", (5,)),
+        ManifestEntry("a.m.w", (10,), "float32", (10,)),  # each in a layer of its own
+        ManifestEntry("b.m.w", (10,), "bfloat16", (10,)),
+        ManifestEntry("c.m.w", (30,), "float32", (30,)),
+        ManifestEntry("d.m.w", (5,), "float32", (5,)),
     ]
     buckets = communicator.plan_buckets(entries, bucket_bytes=100)
-    assert [[e.name for e in bucket] for bucket in buckets] == [["a"], ["c"], ["d"], ["b"]]
+    assert [[e.name[0] for e in bucket] for bucket in buckets] == [["a"], ["c"], ["d"], ["b"]]
     for bucket in buckets:
         assert len({e.dtype for e in bucket}) == 1
         assert len(bucket) == 1 or sum(e.nbytes for e in bucket) <= 100
 
 
-def test_sender_parts_reassemble_into_full_tensors():
+def test_buckets_never_split_the_parts_of_one_layer():
+    def entry(name):
+        return ManifestEntry(name, (4,), "float32", (4,))
+
+    names = ["model.embed_tokens.weight"] + [
+        f"model.layers.0.{m}.weight"
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm")
+    ]  # fmt: skip
+    buckets = communicator.plan_buckets([entry(n) for n in names], bucket_bytes=40)
+    layers = [{communicator.layer_of(e.name) for e in bucket} for bucket in buckets]
+    assert [len(b) for b in buckets] == [1, 4, 3, 1]  # q/k/v/o together (64 B > 40 B), mlp
+    assert layers[1] == {"model.layers.0.self_attn"} and layers[2] == {"model.layers.0.mlp"}
+
+
+def test_senders_broadcasts_land_in_the_receivers_layout():
     full = {"w": torch.arange(35.0).view(7, 5), "v": torch.arange(3.0), "x": torch.ones(2, 2)}
     entries = [
         ManifestEntry("w", (7, 5), "float32", communicator.even_splits(7, 3)),
         ManifestEntry("v", (3,), "float32", communicator.even_splits(3, 3)),
         ManifestEntry("x", (2, 2), "float32", (2, 0, 0)),  # not sharded: sender 0 has it
     ]
-    parts = []
+    bucket = communicator.BucketLayout(entries, senders=3, direct_min_bytes=64)  # w direct
+    assert bucket.direct == [True, False, False]
+    layout = torch.full((bucket.numel,), float("nan"))
+    staging = []
     for sender in range(3):
-        rows, start = [], 0
-        for e in entries:
-            start = sum(e.splits[:sender])
-            rows.append(full[e.name][start : start + e.splits[sender]].reshape(-1))
-        parts.append(torch.cat(rows))
-        assert parts[-1].numel() == communicator.part_numel(entries, sender)
-    assembled = dict(communicator._assemble(entries, parts))
-    for name, tensor in full.items():
-        assert torch.equal(assembled[name], tensor), name
+
+        def rows(entry, sender=sender):
+            start = sum(entry.splits[:sender])
+            return full[entry.name][start : start + entry.splits[sender]].reshape(-1)
+
+        staging.append(
+            torch.cat([rows(entries[i]) for i in bucket.packed(sender)] or [torch.zeros(0)])
+        )
+        assert staging[-1].numel() == bucket.packed_numel(sender)
+        for i in bucket.directs(sender):  # what a direct broadcast writes
+            start = bucket.rows_start(i, sender)
+            layout[start : start + rows(entries[i]).numel()] = rows(entries[i])
+    communicator._unpack(bucket, layout, staging)
+    for entry, offset in zip(entries, bucket.offsets, strict=True):
+        assert torch.equal(
+            layout[offset : offset + entry.numel].view(entry.shape), full[entry.name]
+        )
+
+
+def test_arena_reuses_its_memory():
+    arena = communicator.Arena("cpu")
+    arena.reset(communicator.Arena.span([10, 3], torch.float32))
+    a, b = arena.take(10, torch.float32), arena.take(3, torch.float32)
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() % 64 == 0 and b.data_ptr() >= a.data_ptr() + 40
+    pointer = arena.buffer.data_ptr()
+    arena.reset(communicator.Arena.span([5], torch.bfloat16))  # smaller: same memory
+    assert arena.take(5, torch.bfloat16).data_ptr() == pointer
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +182,8 @@ def test_replicas_hold_the_policy_weights_after_each_sync(
     manifest = Manifest.from_json((tmp_path / "manifest.json").read_text())
     assert manifest.senders == nproc // replicate
     assert len(manifest.buckets) > 1
+    direct = [d for bucket in manifest.buckets for d in bucket.direct]
+    assert any(direct) and not all(direct)  # both kinds of broadcast were used
     sent = {v: torch.load(tmp_path / f"policy_v{v}.pt") for v in (1, 2, 3)}
     expected = {("0", 1): 1, ("1", 1): 1, ("1", 2): 2, ("0", 3): 3, ("1", 3): 3}
     for (replica, version), policy_version in expected.items():
