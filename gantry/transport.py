@@ -51,7 +51,9 @@ class ControlPlane:
         return self.redis.xadd(stream, {"m": encode(message)}).decode()
 
     def send_many(self, stream: str, messages: list[Any]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+        """Append all of `messages` at once: a reader blocked on the stream wakes to all of
+        them (not pipelined one by one, which would wake it after the first)."""
+        pipe = self.redis.pipeline(transaction=True)
         for message in messages:
             pipe.xadd(stream, {"m": encode(message)})
         pipe.execute()

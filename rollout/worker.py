@@ -140,8 +140,15 @@ class RolloutWorker:
 
     def _roll_out(self, deliveries: list[Delivery]) -> None:
         tasks: list[PromptTask] = [d.message for d in deliveries]
-        prompts = [self._prompt_ids(task.index) for task in tasks]
+        prompts = self._prompt_ids([task.index for task in tasks])
         completions = self.engine.generate(prompts, self._sampling(tasks))
+        # One decode call for the whole batch: the worker's time between generate calls is
+        # generation lost.
+        texts = iter(
+            self.tokenizer.batch_decode(
+                [c.token_ids for outs in completions for c in outs], skip_special_tokens=True
+            )
+        )
         groups = []
         for task, prompt_ids, outs in zip(tasks, prompts, completions, strict=True):
             sample = self.samples[task.index]
@@ -149,7 +156,7 @@ class RolloutWorker:
                 Sample(
                     token_ids=c.token_ids,
                     logprobs=c.logprobs,
-                    reward=self.script.score(self._text(c.token_ids), sample, task.index),
+                    reward=self.script.score(next(texts), sample, task.index),
                     finish_reason=c.finish_reason,
                 )
                 for c in outs
@@ -166,15 +173,17 @@ class RolloutWorker:
         ids = [d.entry_id for d in deliveries]
         self.plane.ack_and_send(self.prompts, GROUP, ids, self.keys.rollouts, groups)
 
-    def _prompt_ids(self, index: int) -> list[int]:
-        messages = prompt_messages(self.samples[index], self.script.path, index)
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _text(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def _prompt_ids(self, indices: list[int]) -> list[list[int]]:
+        """The chat-templated prompt token ids of these dataset samples (one tokenizer call)."""
+        texts = [
+            self.tokenizer.apply_chat_template(
+                prompt_messages(self.samples[i], self.script.path, i),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for i in indices
+        ]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _sampling(self, tasks: list[PromptTask]) -> SamplingSettings:
         cfg = self.config.rollout

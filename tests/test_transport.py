@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -131,3 +132,22 @@ def test_heartbeat_expires(redis_url):
     assert plane.alive(KEYS.heartbeat("policy", "0"))
     time.sleep(0.3)
     assert not plane.alive(KEYS.heartbeat("policy", "0"))
+
+
+def test_a_blocked_reader_wakes_to_the_whole_burst(redis_url):
+    """A rollout replica waiting for prompts gets the controller's whole dispatch at once, not
+    a first batch of one prompt."""
+    plane = ControlPlane(redis_url)
+    stream = KEYS.prompts("0")
+    plane.ensure_group(stream, "rollout")
+    got = []
+    reader = threading.Thread(
+        target=lambda: got.extend(
+            ControlPlane(redis_url).read_group([stream], "rollout", "r0", 32, 5000)
+        )
+    )
+    reader.start()
+    time.sleep(0.3)  # the reader is blocked in XREADGROUP
+    plane.send_many(stream, tasks(32))
+    reader.join()
+    assert len(got) == 32
