@@ -10,12 +10,9 @@ until a sync to the current weights has been ordered for it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from gantry.protocol import Receiver, SyncPlan
-
-log = logging.getLogger("gantry.controller")
 
 
 @dataclass
@@ -27,7 +24,7 @@ class RolloutReplica:
     joined_at: int = 0  # the policy's version when it registered
     groups: int = 0  # results it returned
     syncs: int = 0
-    versions_seen: set[int] = field(default_factory=set)
+    min_result_version: int | None = None
 
     def stats(self) -> dict:
         return {
@@ -35,7 +32,7 @@ class RolloutReplica:
             "joined_at_version": self.joined_at,
             "groups": self.groups,
             "syncs": self.syncs,
-            "min_result_version": min(self.versions_seen, default=None),
+            "min_result_version": self.min_result_version,
         }
 
 
@@ -118,7 +115,8 @@ class RolloutFleet:
             return  # a duplicate delivery: the buffer accounts for it
         least = replica.in_flight.pop(prompt_id)
         replica.groups += 1
-        replica.versions_seen.add(version)
+        if replica.min_result_version is None or version < replica.min_result_version:
+            replica.min_result_version = version
         if version < least:
             raise RuntimeError(
                 f"rollout replica {name} generated {prompt_id} with weights v{version}, but a "

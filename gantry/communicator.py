@@ -94,7 +94,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         for e in self.entries:
-            rows = e.shape[0] if e.shape else 1
+            rows = rows_of(e.shape)
             if len(e.splits) != self.senders or sum(e.splits) != rows:
                 raise ValueError(f"{e.name}: splits {e.splits} do not cover {rows} rows")
         buckets = plan_buckets(self.entries, self.bucket_bytes)
@@ -124,6 +124,11 @@ class Manifest:
             for name, shape, dtype, splits in data["entries"]
         ]
         return cls(entries, data["senders"], data["bucket_bytes"], data["direct_min_bytes"])
+
+
+def rows_of(shape: tuple[int, ...] | torch.Size) -> int:
+    """Rows of dim 0, the unit shards are cut in (a scalar is one row)."""
+    return shape[0] if len(shape) else 1
 
 
 def even_splits(rows: int, senders: int) -> tuple[int, ...]:
@@ -197,9 +202,6 @@ class BucketLayout:
             self.entries[i].splits[sender] * self.entries[i].row_numel for i in self.packed(sender)
         )
 
-    def sent_numel(self, sender: int) -> int:
-        return sum(e.splits[sender] * e.row_numel for e in self.entries)
-
 
 class Arena:
     """A byte buffer reused bucket after bucket and carved into typed regions: memory that is
@@ -272,10 +274,18 @@ def connect_store(host: str, port: int, *, host_it: bool, timeout_s: float) -> d
     )
 
 
+def sender_name(sender: int) -> str:
+    return f"policy sender {sender}"
+
+
+def receiver_name(replica: str, tp_rank: int) -> str:
+    return f"rollout replica {replica} tp rank {tp_rank}"
+
+
 def member_names(plan: SyncPlan, senders: int) -> list[str]:
-    names = [f"policy sender {s}" for s in range(senders)]
+    names = [sender_name(s) for s in range(senders)]
     for receiver in plan.receivers:
-        names += [f"rollout replica {receiver.replica} tp rank {t}" for t in range(receiver.ranks)]
+        names += [receiver_name(receiver.replica, t) for t in range(receiver.ranks)]
     return names
 
 
@@ -319,7 +329,7 @@ class Sender:
     ) -> SendStats:
         """Broadcast this rank's rows of every entry."""
         started = time.perf_counter()
-        check_in(self.store, plan, self.manifest.senders, f"policy sender {self.sender}", version)
+        check_in(self.store, plan, self.manifest.senders, sender_name(self.sender), version)
         arrived = time.perf_counter()
         group = self.groups.get(plan.group)
         if group is None:
@@ -393,7 +403,7 @@ class Receiver:
         """Yield each bucket's (name, full tensor) pairs as they arrive. The tensors are views
         of a buffer that the bucket after next reuses: load or copy them before asking for
         more. Consume to the end: the senders block until every receiver took every bucket."""
-        me = f"rollout replica {replica} tp rank {tp_rank}"
+        me = receiver_name(replica, tp_rank)
         check_in(self.store, plan, self.manifest.senders, me, version)
         groups = self._groups(plan, plan.rank_of(replica, tp_rank))
         buckets = self.manifest.buckets

@@ -9,8 +9,6 @@ sync groups meet through.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -18,8 +16,6 @@ from torch.distributed.tensor import DTensor, Shard
 from gantry import communicator
 from gantry.communicator import Manifest, ManifestEntry
 from gantry.protocol import SyncPlan
-
-log = logging.getLogger("gantry.policy")
 
 
 def shard_position(mesh: DeviceMesh) -> tuple[int, int, bool]:
@@ -40,7 +36,7 @@ def build_manifest(
 ) -> Manifest:
     entries = []
     for name, param in params.items():
-        rows = param.shape[0] if param.dim() else 1
+        rows = communicator.rows_of(param.shape)
         if _row_sharded(param):
             splits = communicator.even_splits(rows, senders)
         else:  # whole on every rank: the first sender sends it
@@ -92,10 +88,10 @@ class PolicySender:
         param = self.params[entry.name]
         local = param.to_local() if isinstance(param, DTensor) else param
         local = local.detach()
-        expected = entry.splits[self.index]
-        if (local.shape[0] if local.dim() else 1) != expected:
+        rows, expected = communicator.rows_of(local.shape), entry.splits[self.index]
+        if rows != expected:
             raise RuntimeError(
-                f"weight sync: {entry.name} holds {local.shape[0]} rows on shard {self.index}, "
+                f"weight sync: {entry.name} holds {rows} rows on shard {self.index}, "
                 f"the manifest says {expected}"
             )
         return local

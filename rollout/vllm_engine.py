@@ -149,15 +149,17 @@ class VLLMEngine:
                 rpc("gantry_load_chunk", args=(payload,))
         finally:
             rpc("gantry_finish_load")
-        # Cached KV blocks were computed with the old weights.
-        if not self._llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+        self._forget_cached_prefixes()
 
     def receive_weights(self, plan: SyncPlan, manifest: str, version: int, replica: str) -> None:
         """Every TP worker joins the sync and loads the broadcast weights as they arrive."""
         self._llm.collective_rpc(
             "gantry_receive_weights", args=(plan.model_dump(), manifest, version, replica)
         )
+        self._forget_cached_prefixes()
+
+    def _forget_cached_prefixes(self) -> None:
+        # Cached KV blocks were computed with the old weights.
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
 
