@@ -403,3 +403,12 @@ def test_vllm_on_gpu(request, other_model_dirs, tp, tied):
         assert max_logprob_diff(new, PROMPTS, outputs, 0.7) < 1e-3
     finally:
         engine.close()
+
+
+def test_cpu_binding_gives_each_tp_worker_its_cores(monkeypatch):
+    from rollout.vllm_engine import cpu_binding
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3, 5})
+    assert cpu_binding(2) == "0,1|2,3"
+    assert cpu_binding(1) == "0,1,2,3,5"
+    assert cpu_binding(8) == "nobind"  # fewer cores than workers: leave placement to the OS

@@ -72,3 +72,26 @@ def test_pruning_keeps_complete_checkpoints_and_paths_in_use(tmp_path):
         "step_10",
     ]
     assert checkpoints.latest_complete(root).name == "step_8"
+
+
+def test_rollout_dtype_auto_follows_the_device_and_the_model(tmp_path):
+    import json
+
+    from gantry.placement import rollout_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert rollout_dtype("auto", tmp_path, on_gpu=False) == "float32"
+    assert rollout_dtype("auto", tmp_path, on_gpu=True) == "bfloat16"  # not float32 on a GPU
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"dtype": "float16"}}))
+    assert rollout_dtype("auto", tmp_path, on_gpu=True) == "float16"  # a VLM's text model
+    assert rollout_dtype("bfloat16", tmp_path, on_gpu=False) == "bfloat16"  # explicit wins
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [('rollout.dtype="int8"', "rollout.dtype"), ("rollout.weight_sync_timeout=0.0", "rollout.weight_sync_timeout"),
+     ("rollout.parallelism.tp_size=0", "rollout.parallelism.tp_size")],
+)  # fmt: skip
+def test_bad_rollout_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
