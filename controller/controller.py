@@ -64,7 +64,12 @@ class Controller:
         self.groups_per_step = groups_per_step(config)
         self.total_steps = planned_steps(config, info.dataset_size)
         max_staleness = config.train.train_policy.allowed_outdated_steps
-        self.queue = PromptQueue(info.dataset_size, config.train.epoch, config.train.seed)
+        self.queue = PromptQueue(
+            info.dataset_size,
+            config.train.epoch,
+            config.train.seed,
+            shuffle=config.train.train_policy.dataloader_shuffle,
+        )
         self.buffer = RolloutBuffer(self.groups_per_step, max_staleness)
         self.run_dir = Path(info.run_dir)
         self.version = 0  # the policy's weights: steps done
@@ -85,11 +90,7 @@ class Controller:
     def run(self) -> int:
         for stream in (self.keys.rollouts, self.keys.events):
             self.plane.ensure_group(stream, GROUP)
-        log.info(
-            "run %s: %d steps of %d prompts x %d samples, max staleness %d",
-            self.info.run_id, self.total_steps, self.groups_per_step,
-            self.config.rollout.n_generation, self.buffer.max_staleness,
-        )  # fmt: skip
+        log.info("run %s: %s", self.info.run_id, self._plan())
         if self.info.resume_from:
             self._restore(Path(self.info.resume_from))
         self._wait_for_workers()
@@ -110,15 +111,22 @@ class Controller:
         self._write_result()
         return 0
 
+    def _plan(self) -> str:
+        return (
+            f"{self.total_steps} steps of {self.groups_per_step} prompts x "
+            f"{self.config.rollout.n_generation} samples, max staleness {self.buffer.max_staleness}"
+        )
+
     def _wait_for_workers(self) -> None:
         """Start once every policy replica and one rollout replica registered; other rollout
         replicas join when they are up."""
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         policy = {("policy", r) for r in self.policy_replicas}
-        while not (policy <= self.registered and self.fleet.replicas):
+        need_rollout = self.n_rollout_replicas > 0
+        while not (policy <= self.registered and (self.fleet.replicas or not need_rollout)):
             if time.monotonic() > deadline:
                 missing = sorted(policy - self.registered)
-                if not self.fleet.replicas:
+                if need_rollout and not self.fleet.replicas:
                     missing.append(("rollout", "any"))
                 raise RunFailed(
                     f"workers did not register in {WORKER_START_TIMEOUT_S:.0f}s: {missing}"
@@ -365,6 +373,9 @@ class Controller:
                 record["dropped_stale"],
             )  # fmt: skip
 
+    def _write_result_json(self, result: dict) -> None:
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
     def _write_result(self) -> None:
         head, tail = self.rewards[:10], self.rewards[-10:]
         result = {
@@ -379,7 +390,7 @@ class Controller:
             "rollout_replicas": self.fleet.stats(),
             "seconds": time.monotonic() - self._started,
         }
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        self._write_result_json(result)
         log.info(
             "done: %d steps, reward %.3f (first 10) -> %.3f (last 10); export: %s",
             result["steps"], result["reward_mean_first_10"] or 0.0,

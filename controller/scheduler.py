@@ -1,6 +1,6 @@
 """The controller's bookkeeping, free of I/O: prompt order, in-flight window, staleness, batches.
 
-`PromptQueue` yields every dataset index once per epoch in a seeded order and takes back
+`PromptQueue` yields every dataset index once per epoch in a seeded order (or in file order) and takes back
 prompts to retry. `RolloutBuffer` accepts each prompt's result once, drops results older than
 the staleness bound (they go back to the queue), and hands out batches of whole groups.
 """
@@ -21,8 +21,9 @@ def task_of(prompt_id: str) -> PromptTask:
 
 
 class PromptQueue:
-    def __init__(self, dataset_size: int, epochs: int, seed: int) -> None:
+    def __init__(self, dataset_size: int, epochs: int, seed: int, shuffle: bool = True) -> None:
         self.dataset_size, self.epochs, self.seed = dataset_size, epochs, seed
+        self.shuffle = shuffle
         self._epoch = 0
         self._order: deque[int] = deque()
         self._retry: deque[PromptTask] = deque()
@@ -35,7 +36,8 @@ class PromptQueue:
             if self._epoch >= self.epochs:
                 return None
             order = list(range(self.dataset_size))
-            random.Random(self.seed * 1_000_003 + self._epoch).shuffle(order)
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + self._epoch).shuffle(order)
             self._order.extend(order)
             self._epoch += 1
         index = self._order.popleft()

@@ -8,7 +8,8 @@ Each prompt asks "What is 3 + 4? Reply with only the number." with operands draw
 The small format credit gives a randomly initialised model something to learn before it
 ever gets a sum right; with real models it hardly matters.
 
-Run it with
+Each sample is the question and its answer as an assistant turn: GRPO prompts with the
+question, SFT (configs/quickstart-sft.toml) trains on the answer. Run it with
     ./launch.sh --config configs/quickstart-grpo.toml datasets/arithmetic.py
 Knobs come from the config's [custom] section: seed, size, max_operand.
 """
@@ -26,8 +27,17 @@ def get_dataset(config):
     for _ in range(config.get("size", 1000)):
         a, b = rng.randint(0, top), rng.randint(0, top)
         question = f"What is {a} + {b}? Reply with only the number."
-        samples.append({"messages": [{"role": "user", "content": question}], "answer": str(a + b)})
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": str(a + b)},  # the reference: SFT trains on it
+        ]
+        samples.append({"messages": messages, "answer": str(a + b)})
     return samples
+
+
+def get_val_dataset(config):
+    """Held-out questions for SFT validation and evaluation (another seed)."""
+    return get_dataset({**config, "seed": config.get("seed", 0) + 1, "size": 64})
 
 
 def first_integer(text):

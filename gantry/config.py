@@ -46,6 +46,7 @@ from gantry.config_schema import (  # noqa: F401 - re-exported: the schema is re
     SamplingConfig,
     TrainConfig,
     TrainPolicyConfig,
+    ValidationConfig,
 )
 
 try:

@@ -24,7 +24,7 @@ _COSMOS_PARALLELISM = {
     "pp_layers_per_stage",
 }
 _COSMOS_GRPO = {
-    "trainer_type", "variant", "dataset", "dataloader_shuffle", "dataloader_seed",
+    "trainer_type", "variant", "dataset", "dataloader_seed",
     "data_dispatch_as_rank_in_mesh", "enable_dataset_cache", "dataloader_num_workers",
     "dataloader_prefetch_factor", "dataloader_batch_size", "prompt_column_name",
     "response_column_name", "reward_function", "use_remote_reward", "remote_reward",
@@ -48,7 +48,11 @@ _COSMOS_SFT = {
 }  # fmt: skip
 
 KNOWN_UNIMPLEMENTED: dict[str, set[str]] = {
-    "": {"profiler", "validation", "distillation", "vla", "eth_ips", "mode"},
+    "": {"profiler", "distillation", "vla", "eth_ips", "mode"},
+    "validation": {
+        "dataset", "temperature", "top_p", "top_k", "repetition_penalty", "n_generation",
+        "max_response_length", "reward_function",
+    },
     "policy": {
         "diffusers", "is_diffusers", "model_safetensor_path", "model_revision", "lora",
         "trainable_map", "freeze_pattern", "trainable_pattern", "enable_liger_kernel",

@@ -237,8 +237,14 @@ class TrainPolicyConfig(BaseModel):
 
     type: Literal["grpo", "sft"] = Field(
         default="grpo",
-        description="Algorithm: 'grpo' (reinforcement learning from reward functions) or 'sft' "
-        "(supervised fine-tuning; not implemented in this version).",
+        description="Algorithm: 'grpo' (reinforcement learning from reward functions: policy and "
+        "rollout replicas) or 'sft' (supervised fine-tuning on the dataset's conversations, loss "
+        "on the assistant turns: policy replicas only).",
+    )
+    dataloader_shuffle: bool = Field(
+        default=True,
+        description="Visit the dataset in a new order each epoch, seeded by train.seed (false: "
+        "in file order).",
     )
     epsilon_low: float = Field(
         default=0.2,
@@ -276,13 +282,6 @@ class TrainPolicyConfig(BaseModel):
         description="How per-token losses are reduced: 'token-mean' averages over all response "
         "tokens of the batch.",
     )
-
-    @field_validator("type")
-    @classmethod
-    def _grpo_only(cls, value: str) -> str:
-        if value == "sft":
-            raise ValueError("'sft': SFT is not implemented in this version; use 'grpo'")
-        return value
 
 
 class CkptConfig(BaseModel):
@@ -534,6 +533,25 @@ class RedisConfig(BaseModel):
 # ------------------------------------------------------------------------------------- root
 
 
+class ValidationConfig(BaseModel):
+    """[validation]: the loss on held-out data during SFT."""
+
+    model_config = _MODEL_CONFIG
+
+    enable: bool = Field(
+        default=False,
+        description="Compute the loss on the dataset script's get_val_dataset(config) every "
+        "`freq` steps and at the end (SFT).",
+    )
+    freq: int = Field(default=100, gt=0, description="Validate every N policy steps.")
+    val_before_train: bool = Field(
+        default=False, description="Also validate the initial weights, before the first step."
+    )
+    batch_size: int = Field(
+        default=8, gt=0, description="Validation samples per forward pass on a policy rank."
+    )
+
+
 class GantryConfig(BaseModel):
     """The whole run configuration, as read from TOML and written to the run directory."""
 
@@ -542,6 +560,9 @@ class GantryConfig(BaseModel):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The trained model.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="The generators.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The optimisation loop.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Validation during SFT."
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Progress output.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="The control plane.")
     custom: dict[str, Any] = Field(
@@ -554,7 +575,8 @@ class GantryConfig(BaseModel):
         problems = []
         n = self.rollout.n_generation
         batch = self.train.train_batch_per_replica
-        if batch % n:
+        grpo = self.train.train_policy.type == "grpo"
+        if grpo and batch % n:
             below, above = batch // n * n, (batch // n + 1) * n
             choices = f"{below} or {above}" if below else str(above)
             problems.append(
@@ -562,7 +584,7 @@ class GantryConfig(BaseModel):
                 f"rollout.n_generation = {n} (each step trains on whole groups of completions "
                 f"of one prompt); try {choices}"
             )
-        if self.train.train_policy.type == "grpo" and n < 2:
+        if grpo and n < 2:
             problems.append(
                 f"rollout.n_generation = {n}: GRPO needs at least 2 completions per prompt "
                 "(advantages compare completions of the same prompt)"

@@ -65,12 +65,18 @@ def prepare(args: argparse.Namespace):
     grpo = config.train.train_policy.type == "grpo"
     script = load_dataset_script(args.dataset, need_rewards=grpo)
     dataset_size = len(script.load_samples(config.custom))
+    if not grpo and config.validation.enable:
+        script.load_val_samples(config.custom)  # fails here, before any worker starts
     steps = planned_steps(config, dataset_size)
     if steps == 0:
+        per_step = (
+            "policy replicas x train.train_batch_per_replica / rollout.n_generation"
+            if grpo
+            else "policy replicas x train.train_batch_per_replica"
+        )
         raise LaunchError(
-            f"the dataset has {dataset_size} prompts and train.epoch = {config.train.epoch}, "
-            f"but one step takes {groups_per_step(config)} prompts (policy replicas x "
-            "train.train_batch_per_replica / rollout.n_generation): lower "
+            f"the dataset has {dataset_size} samples and train.epoch = {config.train.epoch}, "
+            f"but one step takes {groups_per_step(config)} ({per_step}): lower "
             "train.train_batch_per_replica or raise train.epoch"
         )
     return config, script, dataset_size, steps
@@ -90,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"# policy: {parallel.n_init_replicas} replica(s) x {parallel.ranks_per_replica} "
             f"rank(s) (dp_replicate_size {parallel.dp_replicate_size} x dp_shard_size "
-            f"{parallel.dp_shard_size}); rollout: {config.rollout.parallelism.n_init_replicas} "
-            f"replica(s) x tp {config.rollout.parallelism.tp_size}"
+            f"{parallel.dp_shard_size}); rollout: {rollout_plan(config)}"
         )
         return 0
     output_dir = Path(config.train.output_dir).resolve()
@@ -141,7 +146,7 @@ def run(config, info: RunInfo) -> int:
         supervisor.start("controller", ["-m", "controller", "--run-dir", str(run_dir)])
         for i, command in enumerate(policy_commands(config, run_dir)):
             supervisor.start(f"policy{i}", command)
-        for i in range(config.rollout.parallelism.n_init_replicas):
+        for i in range(rollout_replicas(config)):
             cmd = ["-m", "rollout", "--run-dir", str(run_dir), "--replica", str(i)]
             supervisor.start(f"rollout{i}", cmd)
         code = supervisor.wait(main="controller")
@@ -153,6 +158,19 @@ def run(config, info: RunInfo) -> int:
         if redis_server is not None:
             redis_server.stop()
     return code if code else report_success(run_dir)
+
+
+def rollout_replicas(config) -> int:
+    """Rollout replicas started with the run: none for SFT, which trains on the dataset."""
+    if config.train.train_policy.type == "sft":
+        return 0
+    return config.rollout.parallelism.n_init_replicas
+
+
+def rollout_plan(config) -> str:
+    if not rollout_replicas(config):
+        return "none (SFT)"
+    return f"{rollout_replicas(config)} replica(s) x tp {config.rollout.parallelism.tp_size}"
 
 
 def policy_commands(config, run_dir: Path) -> list[list[str]]:
@@ -182,10 +200,21 @@ def policy_commands(config, run_dir: Path) -> list[list[str]]:
 
 def report_success(run_dir: Path) -> int:
     result = json.loads((run_dir / "result.json").read_text())
+    if "loss_first_10" in result:  # SFT
+        progress = (
+            f"mean loss {result['loss_first_10']:.3f} (first 10 steps) -> "
+            f"{result['loss_last_10']:.3f} (last 10 steps), "
+            f"{result['tokens_per_s']:.0f} tokens/s"
+        )
+        if result.get("val_loss") is not None:
+            progress += f", validation loss {result['val_loss']:.3f}"
+    else:
+        progress = (
+            f"mean reward {result['reward_mean_first_10']:.3f} (first 10 steps) -> "
+            f"{result['reward_mean_last_10']:.3f} (last 10 steps)"
+        )
     print(
-        f"training finished in {result['seconds']:.0f}s: {result['steps']} steps, mean reward "
-        f"{result['reward_mean_first_10']:.3f} (first 10 steps) -> "
-        f"{result['reward_mean_last_10']:.3f} (last 10 steps)\n"
+        f"training finished in {result['seconds']:.0f}s: {result['steps']} steps, {progress}\n"
         f"exported checkpoint: {result['final_export']}",
         flush=True,
     )

@@ -2,9 +2,14 @@
 
 A script is a plain Python file, imported by path in every process that needs it. It exposes
     get_dataset(config) -> a sequence of samples (dicts)   # config: the [custom] section
+    get_val_dataset(config) -> samples                     # optional: validation, evaluation
     reward_fns = [fn, ...]   # GRPO; fn(completion: str, sample: dict, **kw) -> float, summed
-A sample has "messages" (chat messages, the prompt) or "prompt" (a string, sent as one user
-message), plus any fields the reward functions read. Every failure names the script's path,
+A sample has "messages" (chat messages) or "prompt" (a string, sent as one user message), plus
+any fields the reward functions read. GRPO and evaluation prompt the model with the messages
+before the last assistant turn (all of them when there is none); SFT trains on the assistant
+turns. Message contents are strings, or lists of parts for images and videos:
+{"type": "text", "text": ...}, {"type": "image", "image": path}, {"type": "video", "video": path}
+(see gantry/media.py). Every failure names the script's path,
 the function and, for rewards, the sample it failed on.
 """
 
@@ -31,25 +36,38 @@ class DatasetScript:
     path: Path
     get_dataset: Callable[[dict], Sequence[Any]]
     reward_fns: list[Callable[..., float]]
+    get_val_dataset: Callable[[dict], Sequence[Any]] | None = None
 
     def load_samples(self, custom: dict) -> Sequence[Any]:
         """Call the script's get_dataset and check what it returns."""
+        return self._call("get_dataset", self.get_dataset, custom)
+
+    def load_val_samples(self, custom: dict) -> Sequence[Any]:
+        """Call the script's get_val_dataset (an error if it has none)."""
+        if self.get_val_dataset is None:
+            raise DatasetScriptError(
+                f"{self.path}: defines no get_val_dataset(config); validation and evaluation "
+                "need one that returns the validation samples"
+            )
+        return self._call("get_val_dataset", self.get_val_dataset, custom)
+
+    def _call(self, name: str, fn: Callable, custom: dict) -> Sequence[Any]:
         try:
-            samples = self.get_dataset(custom)
+            samples = fn(custom)
         except Exception as exc:  # the user's code: report where it failed, then stop
             raise DatasetScriptError(
-                f"{self.path}: get_dataset raised {type(exc).__name__}: {exc}\n"
+                f"{self.path}: {name} raised {type(exc).__name__}: {exc}\n"
                 + _user_traceback(exc)
             ) from exc
         try:
             size = len(samples)
         except TypeError as exc:
             raise DatasetScriptError(
-                f"{self.path}: get_dataset returned {type(samples).__name__}, which has no "
+                f"{self.path}: {name} returned {type(samples).__name__}, which has no "
                 "len(); return a list of samples or a torch Dataset"
             ) from exc
         if size == 0:
-            raise DatasetScriptError(f"{self.path}: get_dataset returned no samples")
+            raise DatasetScriptError(f"{self.path}: {name} returned no samples")
         prompt_messages(samples[0], self.path, 0)
         return samples
 
@@ -105,14 +123,26 @@ def load_dataset_script(path: str | Path, *, need_rewards: bool = True) -> Datas
     for fn in reward_fns:
         if not callable(fn):
             raise DatasetScriptError(f"{path}: reward_fns holds {fn!r}, which is not callable")
-    return DatasetScript(path=path, get_dataset=get_dataset, reward_fns=reward_fns)
+    get_val_dataset = getattr(module, "get_val_dataset", None)
+    if get_val_dataset is not None and not callable(get_val_dataset):
+        raise DatasetScriptError(f"{path}: get_val_dataset is {get_val_dataset!r}, not a function")
+    return DatasetScript(path, get_dataset, reward_fns, get_val_dataset)
 
 
 def prompt_messages(sample: Any, path: Path | str = "", index: int = 0) -> list[dict]:
-    """The chat messages of a sample's prompt."""
+    """The chat messages a model is prompted with: those before the last assistant turn (the
+    reference answer), or all of them when there is none."""
     if isinstance(sample, dict):
-        if isinstance(sample.get("messages"), list) and sample["messages"]:
-            return sample["messages"]
+        messages = sample.get("messages")
+        if isinstance(messages, list) and messages:
+            last = len(messages) - 1
+            if isinstance(messages[last], dict) and messages[last].get("role") == "assistant":
+                if last == 0:
+                    raise DatasetScriptError(
+                        f"{path}: sample {index} has only an assistant message: no prompt"
+                    )
+                return messages[:last]
+            return messages
         if isinstance(sample.get("prompt"), str):
             return [{"role": "user", "content": sample["prompt"]}]
     raise DatasetScriptError(

@@ -119,6 +119,22 @@ class TrainBatch(_Message):
     groups: list[RolloutGroup]
 
 
+class SFTBatch(_Message):
+    """The dataset samples of one SFT step (indices into get_dataset's samples, the whole step
+    of all replicas; each rank trains on its share)."""
+
+    type: Literal["sft_batch"] = "sft_batch"
+    step: int
+    indices: list[int]
+
+
+class Validate(_Message):
+    """Compute the loss on the validation samples with the weights after step `step`."""
+
+    type: Literal["validate"] = "validate"
+    step: int
+
+
 class Export(_Message):
     """Write an HF-loadable safetensors export of the current weights to `path`."""
 
@@ -155,6 +171,14 @@ class StepDone(_Message):
     """The policy finished step `step`; its weights are now version `step`."""
 
     type: Literal["step_done"] = "step_done"
+    step: int
+    metrics: dict[str, float]
+
+
+class ValidationDone(_Message):
+    """The validation loss (token mean over the assistant tokens of every validation sample)."""
+
+    type: Literal["validation_done"] = "validation_done"
     step: int
     metrics: dict[str, float]
 
@@ -210,10 +234,13 @@ MESSAGE_TYPES = (
     Stop,
     RolloutGroup,
     TrainBatch,
+    SFTBatch,
+    Validate,
     Export,
     Checkpoint,
     Register,
     StepDone,
+    ValidationDone,
     ExportDone,
     CheckpointSaved,
     UploadDone,

@@ -132,6 +132,9 @@ def planned_steps(config: GantryConfig, dataset_size: int) -> int:
 
 
 def groups_per_step(config: GantryConfig) -> int:
-    """Prompts (groups of n_generation completions) one policy step trains on, all replicas."""
-    completions = config.train.train_batch_per_replica * config.policy.parallelism.n_init_replicas
-    return completions // config.rollout.n_generation
+    """Dataset samples one policy step trains on, all replicas: GRPO prompts (each a group of
+    n_generation completions), or SFT conversations."""
+    rows = config.train.train_batch_per_replica * config.policy.parallelism.n_init_replicas
+    if config.train.train_policy.type == "sft":
+        return rows
+    return rows // config.rollout.n_generation

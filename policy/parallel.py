@@ -33,7 +33,9 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.tensor import DTensor
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
+
+from gantry.models import auto_model_class
 
 log = logging.getLogger("gantry.policy")
 DEFAULT_TIMEOUT_S = 1800.0
@@ -167,14 +169,15 @@ def load_sharded_model(
         if mesh.device_type == "cuda"
         else torch.device("cpu")
     )
+    config = AutoConfig.from_pretrained(model_path)
+    model_class = auto_model_class(config)
     if rank == 0:
-        full = AutoModelForCausalLM.from_pretrained(model_path, dtype=options.master_dtype)
+        full = model_class.from_pretrained(model_path, dtype=options.master_dtype)
         full_state = full.state_dict()
         model = full
     else:
-        config = AutoConfig.from_pretrained(model_path)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=options.master_dtype)
+            model = model_class.from_config(config, dtype=options.master_dtype)
         full_state = {}
     buffers = {name: buf.clone() for name, buf in model.named_buffers()} if rank == 0 else None
     shard_model(model, mesh, options)

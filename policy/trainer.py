@@ -118,27 +118,64 @@ def sharding_options(config: GantryConfig) -> ShardingOptions:
 _SUMS = ("loss", "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction")
 
 
-class GRPOTrainer:
-    """The model, reference model, optimizer and LR schedule of one policy rank."""
+class Trainer:
+    """The sharded model, optimizer and LR schedule of one policy rank, and what every
+    algorithm does with them: the optimizer step, metric reductions, the weights to sync."""
 
     def __init__(
         self, config: GantryConfig, model_path: str, env: DistEnv, mesh, total_steps: int
     ) -> None:
         self.config, self.env = config, env
         torch.manual_seed(config.train.seed)
-        options = sharding_options(config)
-        self.model = load_sharded_model(model_path, mesh, options)
-        self.reference = None
-        if config.train.train_policy.kl_beta > 0:
-            frozen = ShardingOptions(
-                master_dtype=options.param_dtype, param_dtype=options.param_dtype
-            )
-            self.reference = load_sharded_model(model_path, mesh, frozen)
-            self.reference.eval().requires_grad_(False)
+        self.options = sharding_options(config)
+        self.model = load_sharded_model(model_path, mesh, self.options)
         self.optimizer = build_optimizer(self.model.parameters(), config.train)
         optimizer_steps = total_steps * config.train.train_policy.mu_iterations
         self.scheduler = build_scheduler(self.optimizer, config.train, optimizer_steps)
-        self.pad_token_id = self.model.config.pad_token_id or 0
+        self.pad_token_id = _text_config(self.model.config).pad_token_id or 0
+
+    def _optimizer_step(self) -> float:
+        clip = self.config.train.optm_grad_norm_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(full_tensor(grad_norm))
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size == 1:
+            return values
+        # gloo reduces CPU tensors; NCCL needs them on the GPU.
+        moved = values.to(self.env.device)
+        dist.all_reduce(moved)
+        return moved.cpu()
+
+    def weight_manifest_params(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters to sync, under HF names; a tied lm_head is left out (the engine
+        ties it)."""
+        tied = tied_weight_names(self.model)
+        return {name: p for name, p in self.model.named_parameters() if name not in tied}
+
+
+def _text_config(config):
+    """A VLM keeps its language model's settings (pad id, vocabulary) in text_config."""
+    return getattr(config, "text_config", None) or config
+
+
+class GRPOTrainer(Trainer):
+    """GRPO on batches of rollout groups, with an optional frozen reference model."""
+
+    def __init__(
+        self, config: GantryConfig, model_path: str, env: DistEnv, mesh, total_steps: int
+    ) -> None:
+        super().__init__(config, model_path, env, mesh, total_steps)
+        self.reference = None
+        if config.train.train_policy.kl_beta > 0:
+            frozen = ShardingOptions(
+                master_dtype=self.options.param_dtype, param_dtype=self.options.param_dtype
+            )
+            self.reference = load_sharded_model(model_path, mesh, frozen)
+            self.reference.eval().requires_grad_(False)
 
     def step(self, groups: list[RolloutGroup]) -> dict[str, float]:
         """One policy step on a batch of groups (a collective); returns global metrics."""
@@ -197,25 +234,3 @@ class GRPOTrainer:
             return token_logprobs(
                 self.reference, batch, self.config.rollout.sampling_config.temperature
             )
-
-    def _optimizer_step(self) -> float:
-        clip = self.config.train.optm_grad_norm_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(full_tensor(grad_norm))
-
-    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
-        if self.env.world_size == 1:
-            return values
-        # gloo reduces CPU tensors; NCCL needs them on the GPU.
-        moved = values.to(self.env.device)
-        dist.all_reduce(moved)
-        return moved.cpu()
-
-    def weight_manifest_params(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters to sync, under HF names; a tied lm_head is left out (the engine
-        ties it)."""
-        tied = tied_weight_names(self.model)
-        return {name: p for name, p in self.model.named_parameters() if name not in tied}

@@ -22,23 +22,28 @@ import torch.distributed as dist
 from gantry.checkpoints import prune_step_dirs, step_of
 from gantry.config import GantryConfig
 from gantry.placement import rollout_dtype
+from gantry.plugin import load_dataset_script
 from gantry.protocol import (
     Checkpoint,
     CheckpointSaved,
     Export,
     ExportDone,
     Register,
+    SFTBatch,
     StepDone,
     Stop,
     SyncWeights,
     TrainBatch,
     UploadDone,
+    Validate,
+    ValidationDone,
 )
 from gantry.runtime import Heartbeat, RunInfo, host_name, planned_steps
 from gantry.transport import ControlPlane
 from policy.checkpoint import PolicyCheckpointer
 from policy.export import export_hf
 from policy.parallel import ParallelDims, build_mesh, init_distributed
+from policy.sft import SFTTrainer
 from policy.trainer import GRPOTrainer
 from policy.upload import Uploader
 from policy.weight_sync import PolicySender
@@ -66,16 +71,29 @@ class PolicyWorker:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2 // local_world))
         total_steps = planned_steps(config, info.dataset_size)
-        self.trainer = GRPOTrainer(config, info.model_path, self.env, mesh, total_steps)
-        dtype = rollout_dtype(config.rollout.dtype, info.model_path, torch.cuda.is_available())
-        self.weights = PolicySender(
-            self.trainer.weight_manifest_params(), mesh, dtype=dtype, is_store_host=self.is_main
-        )
+        self.weights: PolicySender | None = None
+        if config.train.train_policy.type == "sft":
+            self.trainer = self._sft_trainer(mesh, total_steps)
+        else:
+            self.trainer = GRPOTrainer(config, info.model_path, self.env, mesh, total_steps)
+            dtype = rollout_dtype(config.rollout.dtype, info.model_path, torch.cuda.is_available())
+            self.weights = PolicySender(
+                self.trainer.weight_manifest_params(), mesh, dtype=dtype, is_store_host=self.is_main
+            )
         self.checkpointer = PolicyCheckpointer(async_mode=config.train.ckpt.save_mode == "async")
         self.uploader = self._make_uploader() if self.is_main else None
         self.save_started: dict[int, float] = {}
         if info.resume_from:
             self._resume(Path(info.resume_from))
+
+    def _sft_trainer(self, mesh, total_steps: int) -> SFTTrainer:
+        script = load_dataset_script(self.info.dataset_script, need_rewards=False)
+        custom = self.config.custom
+        samples = script.load_samples(custom)
+        val = script.load_val_samples(custom) if self.config.validation.enable else ()
+        return SFTTrainer(
+            self.config, self.info.model_path, self.env, mesh, total_steps, samples, val
+        )
 
     def _make_uploader(self) -> Uploader | None:
         ckpt = self.config.train.ckpt
@@ -100,9 +118,8 @@ class PolicyWorker:
     # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
-        manifest = self.weights.manifest
-        if self.is_main:
-            self.plane.redis.set(self.keys.manifest, manifest.to_json())
+        if self.weights is not None and self.is_main:
+            self.plane.redis.set(self.keys.manifest, self.weights.manifest.to_json())
         heartbeat = None
         if self.env.local_rank == 0:
             heartbeat = Heartbeat(self.plane, self.keys.heartbeat("policy", self.replica)).start()
@@ -110,10 +127,12 @@ class PolicyWorker:
                 self.keys.events,
                 Register(role="policy", replica=self.replica, pid=os.getpid(), host=host_name()),
             )
-        n_params = sum(e.numel for e in manifest.entries)
+        n_params = sum(p.numel() for p in self.trainer.model.parameters())
         log.info(
-            "policy ready: %d parameters, %d ranks (%d send weights, in %s)", n_params,
-            self.env.world_size, manifest.senders, manifest.entries[0].dtype,
+            "policy ready (%s): %d parameters, %d ranks%s",
+            self.config.train.train_policy.type, n_params, self.env.world_size,
+            f" ({self.weights.manifest.senders} send weights, in "
+            f"{self.weights.manifest.entries[0].dtype})" if self.weights is not None else "",
         )  # fmt: skip
         try:
             self._serve()
@@ -136,10 +155,16 @@ class PolicyWorker:
                 self._report_checkpoints()
 
     def _handle(self, command) -> None:
-        if isinstance(command, TrainBatch):
-            metrics = self.trainer.step(command.groups)
+        if isinstance(command, TrainBatch | SFTBatch):
+            work = command.groups if isinstance(command, TrainBatch) else command.indices
+            metrics = self.trainer.step(work)
             if self.is_main:
                 self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
+        elif isinstance(command, Validate):
+            metrics = self.trainer.validate()
+            if self.is_main:
+                event = ValidationDone(step=command.step, metrics=metrics)
+                self.plane.send(self.keys.events, event)
         elif isinstance(command, SyncWeights):
             self._send_weights(command)
         elif isinstance(command, Checkpoint):

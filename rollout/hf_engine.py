@@ -1,4 +1,4 @@
-"""The transformers rollout engine: `AutoModelForCausalLM.generate`, one prompt at a time.
+"""The transformers rollout engine: the model's `generate`, one prompt at a time.
 
 It implements `rollout.engine.RolloutEngine` for fast unit tests and small CPU runs, with the
 same conventions as the vLLM engine:
@@ -22,9 +22,10 @@ import gc
 from collections.abc import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
 from gantry.communicator import WeightReceiver
+from gantry.models import load_pretrained
 from gantry.protocol import SyncPlan
 from rollout.engine import Completion, SamplingSettings
 
@@ -46,7 +47,7 @@ class HFEngine:
         self, model_path: str, *, device: str | None = None, dtype: torch.dtype = torch.float32
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        self.model = load_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
         self._receiver: WeightReceiver | None = None
         self.eos_ids = _eos_ids(self.model)

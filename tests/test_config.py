@@ -372,7 +372,7 @@ def test_cosmos_unimplemented_keys_warn_once_and_are_accepted(tmp_path):
         "train.compile",
         "train.train_policy.temperature",
         "train.train_policy.dataset",
-        "validation",
+        "validation.dataset",
     ]:
         assert key in message, key
     for key in ["model_gradient_checkpointing", "dp_shard_size", "param_dtype", "save_mode"]:
@@ -381,7 +381,8 @@ def test_cosmos_unimplemented_keys_warn_once_and_are_accepted(tmp_path):
     assert config.policy.parallelism.dp_shard_size == 2
     assert config.train.param_dtype == "bfloat16" and config.train.fsdp_offload is False
     assert config.train.ckpt.save_mode == "async"
-    assert "validation.dataset" not in message  # a dropped table is named once
+    assert "validation.dataset.name" not in message  # a dropped table is named once
+    assert config.validation.enable is False
     assert "[redis] port = 12800" in message
     assert config.redis.port == 12800
     assert config.train.train_batch_per_replica == 64
@@ -427,12 +428,23 @@ def test_staleness_must_cover_sync_interval():
     )
 
 
-def test_sft_rejected():
+def test_sft_needs_no_groups():
+    # SFT trains on samples, not groups of completions: n_generation does not constrain it.
+    config = load_config(
+        None,
+        [
+            'train.train_policy.type="sft"',
+            "rollout.n_generation=1",
+            "train.train_batch_per_replica=3",
+            "validation.enable=true",
+            "validation.freq=7",
+        ],
+    )
+    assert config.train.train_policy.type == "sft" and config.validation.freq == 7
     with pytest.raises(ConfigError) as excinfo:
-        load_config(None, ['train.train_policy.type="sft"'])
+        load_config(None, ["validation.frequency=3"])
     (problem,) = problems_of(excinfo)
-    assert problem.startswith("train.train_policy.type: ")
-    assert "SFT is not implemented" in problem
+    assert "validation.frequency" in problem and "freq" in problem
 
 
 @pytest.mark.parametrize(

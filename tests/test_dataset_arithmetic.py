@@ -30,8 +30,9 @@ def test_dataset_size_shape_and_answers(arithmetic):
     samples = arithmetic.get_dataset({"size": 50, "max_operand": 4})
     assert len(samples) == 50
     for sample in samples:
-        (message,) = sample["messages"]
+        message, reply = sample["messages"]
         assert message["role"] == "user"
+        assert reply == {"role": "assistant", "content": sample["answer"]}
         a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\? .*", message["content"]).groups())
         assert 0 <= a <= 4 and 0 <= b <= 4
         assert sample["answer"] == str(a + b)
