@@ -242,7 +242,8 @@ def measure(args: argparse.Namespace, worker) -> dict:
 
     size = worker.config.rollout.batch_size
     tasks = [PromptTask(prompt_id=f"0:{i}", epoch=0, index=i) for i in range(args.prompts)]
-    pairs = list(zip(tasks, worker._prompt_ids([task.index for task in tasks]), strict=True))
+    prompts = worker.prompts_of.build(worker.samples, [t.index for t in tasks], worker.script.path)
+    pairs = list(zip(tasks, prompts, strict=True))
     batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
     calls = record_calls(worker)
     window = 2 * size  # the controller keeps up to twice a batch queued at each replica

@@ -134,4 +134,3 @@ class SFTController(Controller):
             len(losses), statistics.fmean(head) if head else 0.0,
             statistics.fmean(tail) if tail else 0.0, self.final_export,
         )  # fmt: skip
-

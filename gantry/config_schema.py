@@ -106,7 +106,8 @@ class PolicyConfig(BaseModel):
         min_length=1,
         description="The model to train: a Hugging Face repo id or a local directory. A name "
         "starting with 'gantry:' is a built-in model that the launcher builds locally "
-        "('gantry:tiny-qwen2', a few-MB Qwen2 for CPU runs and tests).",
+        "('gantry:tiny-qwen2', a few-MB Qwen2, and 'gantry:tiny-qwen2.5-vl', a few-MB "
+        "Qwen2.5-VL with its processor, for CPU runs and tests).",
     )
     model_max_length: int = Field(
         default=4096,

@@ -23,8 +23,8 @@ from gantry.plugin import DatasetScriptError, load_dataset_script
 from gantry.processes import ProcessGroupSupervisor
 from gantry.redis_server import RedisServer, RedisServerError, free_port
 from gantry.runtime import RunInfo, groups_per_step, planned_steps
+from gantry.tiny_model import BUILTIN_MODELS
 
-BUILTIN_MODELS = {"gantry:tiny-qwen2"}
 EXIT_BAD_INPUT = 2
 
 
@@ -53,10 +53,8 @@ def resolve_model(name_or_path: str, output_dir: Path) -> str:
             f"policy.model_name_or_path = {name_or_path!r} is no built-in model; "
             f"built-ins: {sorted(BUILTIN_MODELS)}, or give a Hugging Face directory or repo id"
         )
-    from gantry.tiny_model import ensure_tiny_model  # loads transformers: only when needed
-
     path = output_dir / ".models" / name_or_path.removeprefix("gantry:")
-    return str(ensure_tiny_model(path).resolve())
+    return str(BUILTIN_MODELS[name_or_path](path).resolve())
 
 
 def prepare(args: argparse.Namespace):

@@ -56,8 +56,7 @@ class DatasetScript:
             samples = fn(custom)
         except Exception as exc:  # the user's code: report where it failed, then stop
             raise DatasetScriptError(
-                f"{self.path}: {name} raised {type(exc).__name__}: {exc}\n"
-                + _user_traceback(exc)
+                f"{self.path}: {name} raised {type(exc).__name__}: {exc}\n" + _user_traceback(exc)
             ) from exc
         try:
             size = len(samples)

@@ -9,8 +9,8 @@ parallel size, and FSDP2 averages gradients), as in the GRPO trainer.
 
 FSDP2 runs collectives inside every unit's forward, so all ranks must run the same modules the
 same number of times: validation shares are padded to the same number of micro-batches, and a
-VLM micro-batch without images or videos runs the vision tower on a blank image whose output
-is multiplied by zero (the vision units then gather and reduce on every rank alike).
+VLM micro-batch lacking images or videos gets a blank one that trains nothing
+(`policy.sft_data.vision_fillers`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from gantry.config import GantryConfig
 from gantry.models import is_vision_language
 from policy.parallel import DistEnv
-from policy.sft_data import IGNORE, ConversationEncoder, Example, MicroBatch, collate
+from policy.sft_data import (
+    IGNORE,
+    ConversationEncoder,
+    Example,
+    MicroBatch,
+    collate,
+    vision_fillers,
+    with_fillers,
+)
 from policy.trainer import Trainer, share_of
 
 log = logging.getLogger("gantry.policy")
@@ -48,6 +56,7 @@ class SFTTrainer(Trainer):
         self.encoder = ConversationEncoder(
             model_path, config.policy.model_max_length, vision=self.vision
         )
+        self.fillers = vision_fillers(self.model) if self.vision else {}
 
     # ---- training ---------------------------------------------------------------------
 
@@ -57,10 +66,7 @@ class SFTTrainer(Trainer):
         mine = share_of(indices, self.env.rank, self.env.world_size)
         examples = [self.encoder.encode(self.samples[i], i) for i in mine]
         size = self.config.train.train_policy.mini_batch
-        micro = [
-            collate(examples[i : i + size], self.pad_token_id, self.env.device)
-            for i in range(0, len(examples), size)
-        ]
+        micro = [self._collate(examples[i : i + size]) for i in range(0, len(examples), size)]
         counts = self._all_reduce(
             torch.tensor(
                 [sum(b.assistant_tokens for b in micro), sum(b.tokens for b in micro)],
@@ -98,19 +104,11 @@ class SFTTrainer(Trainer):
             ignore_index=IGNORE,
             reduction="sum",
         )
-        if self.vision and "pixel_values" not in batch.vision:
-            loss = loss + 0.0 * self._blank_vision_output()
         return loss
 
-    def _blank_vision_output(self) -> torch.Tensor:
-        """The vision tower on one blank 28x28 image, summed (see the module docstring)."""
-        visual = self.model.model.visual
-        merge = visual.spatial_merge_size
-        conv = visual.patch_embed.proj
-        patch_dim = conv.in_channels * math.prod(conv.kernel_size)
-        grid = torch.tensor([[1, merge, merge]], device=self.env.device)
-        pixels = torch.zeros(merge * merge, patch_dim, device=self.env.device)
-        return visual(pixels, grid_thw=grid).pooler_output.float().sum()
+    def _collate(self, examples: list[Example]) -> MicroBatch:
+        examples = with_fillers(examples, self.fillers)
+        return collate(examples, self.pad_token_id, self.env.device)
 
     # ---- validation -------------------------------------------------------------------
 
@@ -128,7 +126,7 @@ class SFTTrainer(Trainer):
                 chunk = mine[r * size : (r + 1) * size]
                 # A rank out of samples still runs a forward (weight 0): FSDP's collectives.
                 examples = [self._val_example(i) for i in chunk] or [self._val_example(0)]
-                batch = collate(examples, self.pad_token_id, self.env.device)
+                batch = self._collate(examples)
                 loss = self._loss_sum(batch)
                 if chunk:
                     sums += torch.tensor([float(loss), batch.assistant_tokens], dtype=torch.float64)

@@ -38,6 +38,7 @@ class Example:
     loss_mask: list[int]  # 1 where the token is an assistant token (aligned with input_ids)
     vision: dict[str, torch.Tensor] = field(default_factory=dict)  # processor outputs
     second_per_grid_ts: list[float] = field(default_factory=list)  # one per video
+    filler: bool = False  # a blank row that keeps FSDP's collectives in step (see below)
 
     @property
     def assistant_tokens(self) -> int:
@@ -105,7 +106,7 @@ class ConversationEncoder:
         return list(encoded["input_ids"]), mask
 
     def _with_vision(self, example: Example, text: str, media) -> Example:
-        outputs = self.processor(**processor_inputs(text, media), return_tensors="pt")
+        outputs = self.processor(text=[text], **media.processor_kwargs(), return_tensors="pt")
         expanded = outputs["input_ids"][0].tolist()
         mask = expand_mask(example.input_ids, example.loss_mask, expanded, self._pad_ids())
         vision = {key: outputs[key] for key in VISION_KEYS if key in outputs}
@@ -128,18 +129,6 @@ class ConversationEncoder:
         self.truncated += 1
         cut = self.max_length
         return Example(example.input_ids[:cut], example.loss_mask[:cut])
-
-
-def processor_inputs(text: str, media) -> dict:
-    """Keyword arguments of a Qwen-VL processor call for `text` and its loaded media."""
-    inputs: dict = {"text": [text]}
-    if media.images:
-        inputs["images"] = media.images
-    if media.videos:
-        inputs["videos"] = [video.frames for video in media.videos]
-        inputs["video_metadata"] = [video.vllm_metadata() for video in media.videos]
-        inputs["do_sample_frames"] = False
-    return inputs
 
 
 def expand_mask(
@@ -183,6 +172,46 @@ class MicroBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
 
 
+def vision_fillers(model) -> dict[str, Example]:
+    """One blank image and one blank video (one merged patch each, no trained token) for a
+    Qwen-VL model, keyed by the processor output they stand in for.
+
+    FSDP2 gathers each vision block when it runs: every rank must run the vision tower as many
+    times, in the same order (images, then videos), in every micro-batch. A micro-batch
+    without images (or videos) gets a blank one in a row of its own, whose tokens carry no
+    loss, so its gradients are zero."""
+    config = model.config
+    conv = model.model.visual.patch_embed.proj
+    patch_dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.kernel_size[2]
+    merge = config.vision_config.spatial_merge_size
+    grid = torch.tensor([[1, merge, merge]])
+    pixels = torch.zeros(merge * merge, patch_dim)
+
+    def blank(pad_id: int, vision: dict, seconds: list[float]) -> Example:
+        # merge x merge patches merge into one token.
+        ids = [config.vision_start_token_id, pad_id, config.vision_end_token_id]
+        return Example(ids, [0] * len(ids), vision, seconds, filler=True)
+
+    return {
+        "pixel_values": blank(
+            config.image_token_id, {"pixel_values": pixels, "image_grid_thw": grid}, []
+        ),
+        "pixel_values_videos": blank(
+            config.video_token_id,
+            {"pixel_values_videos": pixels, "video_grid_thw": grid},
+            [1.0],
+        ),
+    }
+
+
+def with_fillers(examples: list[Example], fillers: dict[str, Example]) -> list[Example]:
+    """`examples` plus a blank image / video row for each kind of media none of them has."""
+    missing = [
+        filler for key, filler in fillers.items() if not any(key in e.vision for e in examples)
+    ]
+    return examples + missing
+
+
 def collate(examples: list[Example], pad_token_id: int, device: torch.device) -> MicroBatch:
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -204,11 +233,12 @@ def collate(examples: list[Example], pad_token_id: int, device: torch.device) ->
     seconds = [s for e in examples for s in e.second_per_grid_ts]
     if seconds:
         vision["second_per_grid_ts"] = torch.tensor(seconds, device=device)
+    real = torch.tensor([not e.filler for e in examples])
     return MicroBatch(
         input_ids.to(device),
         attention_mask.to(device),
         targets.to(device),
         vision,
-        tokens=int(attention_mask.sum()),
+        tokens=int(attention_mask[real].sum()),
         assistant_tokens=int((targets != IGNORE).sum()),
     )

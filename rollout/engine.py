@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,19 @@ class SamplingSettings:
 
 
 @dataclass
+class MultimodalPrompt:
+    """A prompt with images or videos: chat-templated text with one placeholder per item, and
+    the items loaded by `gantry.media.load_media` (a `LoadedMedia`)."""
+
+    text: str
+    media: Any
+
+
+# Token ids (text-only), or text with media.
+EnginePrompt = list[int] | MultimodalPrompt
+
+
+@dataclass
 class Completion:
     """One sampled completion: its tokens and the log-probability of each under the sampler.
 
@@ -42,13 +55,17 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or stop token) or "length"
+    # The prompt's ids as the model saw them (media placeholders expanded to patch tokens);
+    # set for multimodal prompts, whose ids only the engine knows.
+    prompt_token_ids: list[int] | None = None
 
 
 class RolloutEngine(Protocol):
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingSettings
+        self, prompts: list[EnginePrompt], sampling: SamplingSettings
     ) -> list[list[Completion]]:
-        """For each prompt (token ids), `sampling.n` completions, in prompt order."""
+        """For each prompt (token ids, or a MultimodalPrompt), `sampling.n` completions, in
+        prompt order."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (HF parameter name, tensor) pairs in place; later generations use them."""

@@ -27,7 +27,7 @@ from transformers import GenerationConfig
 from gantry.communicator import WeightReceiver
 from gantry.models import load_pretrained
 from gantry.protocol import SyncPlan
-from rollout.engine import Completion, SamplingSettings
+from rollout.engine import Completion, EnginePrompt, MultimodalPrompt, SamplingSettings
 
 
 def _eos_ids(model) -> set[int]:
@@ -49,6 +49,8 @@ class HFEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
+        self.model_path = model_path
+        self._processor = None  # a VLM's, loaded at the first prompt with media
         self._receiver: WeightReceiver | None = None
         self.eos_ids = _eos_ids(self.model)
         pad = self.model.generation_config.pad_token_id
@@ -59,7 +61,7 @@ class HFEngine:
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingSettings
+        self, prompts: list[EnginePrompt], sampling: SamplingSettings
     ) -> list[list[Completion]]:
         stop_ids = self.eos_ids | set(sampling.stop_token_ids)
         config = self._generation_config(sampling, stop_ids)
@@ -96,23 +98,37 @@ class HFEngine:
         stop_ids: set[int],
         seed: int | None,
     ) -> list[Completion]:
-        input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        attention_mask = torch.ones_like(input_ids)
+        inputs = self._model_inputs(prompt)
+        prompt_len = inputs["input_ids"].shape[1]
         # fork_rng: seeding must not disturb the caller's global RNG stream.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
-            result = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-            )
-        new_tokens = result.sequences[:, len(prompt) :]
+            result = self.model.generate(**inputs, generation_config=config)
+        new_tokens = result.sequences[:, prompt_len:]
         # scores: one (n, vocab) tensor per step, after the logits processors and warpers.
         logprobs = torch.stack(result.scores, dim=1).float().log_softmax(dim=-1)
         picked = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        return [_completion(new_tokens[j].tolist(), picked[j].tolist(), stop_ids) for j in range(n)]
+        seen = inputs["input_ids"][0].tolist() if isinstance(prompt, MultimodalPrompt) else None
+        return [
+            _completion(new_tokens[j].tolist(), picked[j].tolist(), stop_ids, seen)
+            for j in range(n)
+        ]
+
+    def _model_inputs(self, prompt: EnginePrompt) -> dict:
+        """generate's inputs: the ids, or the processor's ids and pixels for media."""
+        if not isinstance(prompt, MultimodalPrompt):
+            input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_path)
+        kwargs = prompt.media.processor_kwargs()
+        inputs = self._processor(text=[prompt.text], **kwargs, return_tensors="pt")
+        inputs.pop("mm_token_type_ids", None)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -141,9 +157,11 @@ class HFEngine:
             torch.cuda.empty_cache()
 
 
-def _completion(tokens: list[int], logprobs: list[float], stop_ids: set[int]) -> Completion:
+def _completion(
+    tokens: list[int], logprobs: list[float], stop_ids: set[int], prompt_ids: list[int] | None
+) -> Completion:
     """Cut a generated row after its first stop token; rows finished early are padded."""
     for k, token in enumerate(tokens):
         if token in stop_ids:
-            return Completion(tokens[: k + 1], logprobs[: k + 1], "stop")
-    return Completion(tokens, logprobs, "length")
+            return Completion(tokens[: k + 1], logprobs[: k + 1], "stop", prompt_ids)
+    return Completion(tokens, logprobs, "length", prompt_ids)

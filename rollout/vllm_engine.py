@@ -41,7 +41,7 @@ import torch
 
 from gantry.communicator import WeightReceiver
 from gantry.protocol import SyncPlan
-from rollout.engine import Completion, SamplingSettings
+from rollout.engine import Completion, EnginePrompt, MultimodalPrompt, SamplingSettings
 
 # Default KV-cache size on the CPU build: there `gpu_memory_utilization` means "fraction of
 # host memory", and vLLM refuses to start when that much is not free at start-up.
@@ -120,18 +120,26 @@ class VLLMEngine:
         self.in_process = _engine_in_process(tp_size)
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingSettings
+        self, prompts: list[EnginePrompt], sampling: SamplingSettings
     ) -> list[list[Completion]]:
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TextPrompt, TokensPrompt
 
         if not prompts:
             return []
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        requests = [
+            TextPrompt(prompt=p.text, multi_modal_data=p.media.vllm_multi_modal_data())
+            if isinstance(p, MultimodalPrompt)
+            else TokensPrompt(prompt_token_ids=list(p))
+            for p in prompts
+        ]
         params = [_sampling_params(sampling, i) for i in range(len(prompts))]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
-        return [
-            [_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
-        ]
+        results = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            seen = list(out.prompt_token_ids) if isinstance(prompt, MultimodalPrompt) else None
+            ordered = sorted(out.outputs, key=lambda c: c.index)
+            results.append([_completion(c, seen) for c in ordered])
+        return results
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (HF name, tensor) pairs in place, in every worker.
@@ -231,12 +239,12 @@ def _sampling_params(sampling: SamplingSettings, index: int):
     )
 
 
-def _completion(output) -> Completion:
+def _completion(output, prompt_token_ids: list[int] | None = None) -> Completion:
     if output.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM request ended with finish_reason={output.finish_reason!r}")
     token_ids = list(output.token_ids)
     logprobs = [step[token].logprob for token, step in zip(token_ids, output.logprobs, strict=True)]
-    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=output.finish_reason)
+    return Completion(token_ids, logprobs, output.finish_reason, prompt_token_ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,11 +16,10 @@ import time
 import zlib
 
 import torch
-from transformers import AutoTokenizer
 
 from gantry.config import GantryConfig
 from gantry.placement import rollout_dtype
-from gantry.plugin import load_dataset_script, prompt_messages
+from gantry.plugin import load_dataset_script
 from gantry.protocol import (
     PromptTask,
     Register,
@@ -33,6 +32,7 @@ from gantry.protocol import (
 from gantry.runtime import Heartbeat, RunInfo, host_name
 from gantry.transport import ControlPlane, Delivery
 from rollout.engine import RolloutEngine, SamplingSettings
+from rollout.prompts import PromptBuilder
 
 log = logging.getLogger("gantry.rollout")
 GROUP = "rollout"
@@ -70,7 +70,8 @@ class RolloutWorker:
         self.plane = ControlPlane(info.redis_url)
         self.script = load_dataset_script(info.dataset_script)
         self.samples = self.script.load_samples(config.custom)
-        self.tokenizer = AutoTokenizer.from_pretrained(info.model_path)
+        self.prompts_of = PromptBuilder(info.model_path)
+        self.tokenizer = self.prompts_of.tokenizer
         started = time.perf_counter()
         self.engine = make_engine(config, info.model_path)
         log.info("engine %s up in %.1fs", config.rollout.backend, time.perf_counter() - started)
@@ -140,7 +141,9 @@ class RolloutWorker:
 
     def _roll_out(self, deliveries: list[Delivery]) -> None:
         tasks: list[PromptTask] = [d.message for d in deliveries]
-        prompts = self._prompt_ids([task.index for task in tasks])
+        prompts = self.prompts_of.build(
+            self.samples, [task.index for task in tasks], self.script.path
+        )
         completions = self.engine.generate(prompts, self._sampling(tasks))
         # One decode call for the whole batch: the worker's time between generate calls is
         # generation lost.
@@ -166,24 +169,13 @@ class RolloutWorker:
                     prompt_id=task.prompt_id,
                     replica=self.replica,
                     policy_version=self.version,
-                    prompt_token_ids=prompt_ids,
+                    # A multimodal prompt's ids, placeholders expanded, come from the engine.
+                    prompt_token_ids=outs[0].prompt_token_ids or prompt_ids,
                     samples=scored,
                 )
             )
         ids = [d.entry_id for d in deliveries]
         self.plane.ack_and_send(self.prompts, GROUP, ids, self.keys.rollouts, groups)
-
-    def _prompt_ids(self, indices: list[int]) -> list[list[int]]:
-        """The chat-templated prompt token ids of these dataset samples (one tokenizer call)."""
-        texts = [
-            self.tokenizer.apply_chat_template(
-                prompt_messages(self.samples[i], self.script.path, i),
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for i in indices
-        ]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _sampling(self, tasks: list[PromptTask]) -> SamplingSettings:
         cfg = self.config.rollout

@@ -16,7 +16,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-GUARD = '''def _register_fake_if_ops(name):
+GUARD = """def _register_fake_if_ops(name):
     # Added by Gantry's scripts/torchvision_cpu.py: the C++ ops of this CUDA build do not load
     # next to a CPU torch, and a fake kernel cannot be registered for an op that does not exist.
     if torchvision.extension._has_ops():
@@ -24,7 +24,7 @@ GUARD = '''def _register_fake_if_ops(name):
     return lambda fn: fn
 
 
-'''
+"""
 ANCHOR = "@functools.lru_cache(None)\ndef get_meta_lib"
 UNGUARDED = "@torch.library.register_fake("
 
@@ -40,7 +40,10 @@ def main() -> int:
         print(f"{path}: already patched")
         return 0
     if ANCHOR not in text or UNGUARDED not in text:
-        print(f"{path}: unexpected content; this torchvision needs no patch or a new one", file=sys.stderr)
+        print(
+            f"{path}: unexpected content; this torchvision needs no patch or a new one",
+            file=sys.stderr,
+        )
         return 1
     text = text.replace(ANCHOR, GUARD + ANCHOR, 1).replace(UNGUARDED, "@_register_fake_if_ops(")
     path.write_text(text)
