@@ -17,6 +17,16 @@ def is_vision_language(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def media_token_ids(config: Any) -> list[int]:
+    """A VLM's image / video placeholder and delimiter tokens. Samplers never emit them (a
+    generated placeholder would need pixels the prompt does not have) and the policy computes
+    log-probs without them, so the two distributions stay the same."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    if not is_vision_language(config):
+        return []
+    return sorted({getattr(config, n) for n in names if getattr(config, n, None) is not None})
+
+
 def auto_model_class(config: Any):
     """The transformers Auto class that builds a model for `config`."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

@@ -10,7 +10,7 @@ parallel size, and FSDP2 averages gradients), as in the GRPO trainer.
 FSDP2 runs collectives inside every unit's forward, so all ranks must run the same modules the
 same number of times: validation shares are padded to the same number of micro-batches, and a
 VLM micro-batch lacking images or videos gets a blank one that trains nothing
-(`policy.sft_data.vision_fillers`).
+(`policy.vision`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from policy.sft_data import (
     Example,
     MicroBatch,
     collate,
-    vision_fillers,
     with_fillers,
 )
 from policy.trainer import Trainer, share_of
+from policy.vision import vision_fillers
 
 log = logging.getLogger("gantry.policy")
 

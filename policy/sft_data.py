@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gantry.media import has_media, load_media
+from policy.vision import VisionInputs, merge_vision, missing_kinds
 
 IGNORE = -100
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 class SampleError(ValueError):
@@ -36,9 +36,8 @@ class Example:
 
     input_ids: list[int]
     loss_mask: list[int]  # 1 where the token is an assistant token (aligned with input_ids)
-    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # processor outputs
-    second_per_grid_ts: list[float] = field(default_factory=list)  # one per video
-    filler: bool = False  # a blank row that keeps FSDP's collectives in step (see below)
+    vision: VisionInputs = field(default_factory=VisionInputs)  # processor outputs
+    filler: bool = False  # a blank row that keeps FSDP's collectives in step (policy.vision)
 
     @property
     def assistant_tokens(self) -> int:
@@ -109,10 +108,7 @@ class ConversationEncoder:
         outputs = self.processor(text=[text], **media.processor_kwargs(), return_tensors="pt")
         expanded = outputs["input_ids"][0].tolist()
         mask = expand_mask(example.input_ids, example.loss_mask, expanded, self._pad_ids())
-        vision = {key: outputs[key] for key in VISION_KEYS if key in outputs}
-        seconds = outputs.get("second_per_grid_ts")
-        seconds = [float(s) for s in seconds] if seconds is not None else []
-        return Example(expanded, mask, vision, seconds)
+        return Example(expanded, mask, VisionInputs.of(outputs))
 
     def _pad_ids(self) -> set[int]:
         return {self.processor.image_token_id, self.processor.video_token_id}
@@ -172,44 +168,14 @@ class MicroBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
 
 
-def vision_fillers(model) -> dict[str, Example]:
-    """One blank image and one blank video (one merged patch each, no trained token) for a
-    Qwen-VL model, keyed by the processor output they stand in for.
-
-    FSDP2 gathers each vision block when it runs: every rank must run the vision tower as many
-    times, in the same order (images, then videos), in every micro-batch. A micro-batch
-    without images (or videos) gets a blank one in a row of its own, whose tokens carry no
-    loss, so its gradients are zero."""
-    config = model.config
-    conv = model.model.visual.patch_embed.proj
-    patch_dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.kernel_size[2]
-    merge = config.vision_config.spatial_merge_size
-    grid = torch.tensor([[1, merge, merge]])
-    pixels = torch.zeros(merge * merge, patch_dim)
-
-    def blank(pad_id: int, vision: dict, seconds: list[float]) -> Example:
-        # merge x merge patches merge into one token.
-        ids = [config.vision_start_token_id, pad_id, config.vision_end_token_id]
-        return Example(ids, [0] * len(ids), vision, seconds, filler=True)
-
-    return {
-        "pixel_values": blank(
-            config.image_token_id, {"pixel_values": pixels, "image_grid_thw": grid}, []
-        ),
-        "pixel_values_videos": blank(
-            config.video_token_id,
-            {"pixel_values_videos": pixels, "video_grid_thw": grid},
-            [1.0],
-        ),
-    }
-
-
-def with_fillers(examples: list[Example], fillers: dict[str, Example]) -> list[Example]:
-    """`examples` plus a blank image / video row for each kind of media none of them has."""
-    missing = [
-        filler for key, filler in fillers.items() if not any(key in e.vision for e in examples)
+def with_fillers(examples: list[Example], fillers: dict) -> list[Example]:
+    """`examples` plus a blank image / video row (`policy.vision.vision_fillers`) for each kind
+    of media none of them has."""
+    missing = missing_kinds([e.vision for e in examples]) if fillers else []
+    blanks = [
+        Example(fillers[k][0], [0] * len(fillers[k][0]), fillers[k][1], True) for k in missing
     ]
-    return examples + missing
+    return examples + blanks
 
 
 def collate(examples: list[Example], pad_token_id: int, device: torch.device) -> MicroBatch:
@@ -225,14 +191,7 @@ def collate(examples: list[Example], pad_token_id: int, device: torch.device) ->
         keep = torch.tensor(example.loss_mask[1:], dtype=torch.bool)
         # Token t is predicted at position t - 1.
         targets[i, : end - 1] = torch.where(keep, ids[1:], IGNORE)
-    vision: dict[str, torch.Tensor] = {}
-    for key in VISION_KEYS:
-        parts = [e.vision[key] for e in examples if key in e.vision]
-        if parts:
-            vision[key] = torch.cat(parts).to(device)
-    seconds = [s for e in examples for s in e.second_per_grid_ts]
-    if seconds:
-        vision["second_per_grid_ts"] = torch.tensor(seconds, device=device)
+    vision = merge_vision([e.vision for e in examples], device)
     real = torch.tensor([not e.filler for e in examples])
     return MicroBatch(
         input_ids.to(device),

@@ -15,17 +15,28 @@ whole batch would.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from gantry.config import GantryConfig
+from gantry.media import has_media
+from gantry.models import is_vision_language, media_token_ids
+from gantry.plugin import prompt_messages
 from gantry.protocol import RolloutGroup
 from policy.export import tied_weight_names
 from policy.grpo import group_advantages, grpo_loss
 from policy.optim import build_optimizer, build_scheduler
 from policy.parallel import DistEnv, ShardingOptions, full_tensor, load_sharded_model
+from policy.vision import (
+    PromptVision,
+    VisionInputs,
+    merge_vision,
+    missing_kinds,
+    vision_fillers,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +49,8 @@ class Row:
     prompt_len: int
     logprobs: list[float]  # behaviour log-probs of the completion tokens
     advantage: float
+    vision: VisionInputs = field(default_factory=VisionInputs)  # the prompt's images / videos
+    prompt_id: str = ""
 
 
 def rows_of(groups: list[RolloutGroup]) -> list[Row]:
@@ -48,7 +61,9 @@ def rows_of(groups: list[RolloutGroup]) -> list[Row]:
         advantages = group_advantages(rewards.unsqueeze(0)).squeeze(0).tolist()
         prompt = group.prompt_token_ids
         for sample, advantage in zip(group.samples, advantages, strict=True):
-            rows.append(Row(prompt + sample.token_ids, len(prompt), sample.logprobs, advantage))
+            row = Row(prompt + sample.token_ids, len(prompt), sample.logprobs, advantage)
+            row.prompt_id = group.prompt_id
+            rows.append(row)
     return rows
 
 
@@ -71,6 +86,10 @@ class PackedBatch:
     completion_mask: torch.Tensor  # [B, L-1]
     behaviour_logprobs: torch.Tensor  # [B, L-1]
     advantages: torch.Tensor  # [B]
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # a VLM's pixel inputs
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
 
 
 def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> PackedBatch:
@@ -91,15 +110,26 @@ def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> Packe
     return PackedBatch(
         *(t.to(device) for t in (input_ids, attention_mask, completion_mask, behaviour_logprobs)),
         advantages.to(device),
+        merge_vision([r.vision for r in rows], device),
     )
 
 
-def token_logprobs(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> torch.Tensor:
-    """log p(token t | tokens < t) under `model` at the sampler's temperature: [B, L-1]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def token_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float, banned: Sequence[int] = ()
+) -> torch.Tensor:
+    """log p(token t | tokens < t) under `model` at the sampler's temperature: [B, L-1].
+    `banned` tokens (never sampled: a VLM's media placeholders) are masked out, as the
+    sampler did; the prompt's own placeholders then get -inf, so with `banned` only the
+    completion positions are returned (0 elsewhere)."""
+    logits = model(**batch.model_inputs()).logits
     logits = logits[:, :-1].float() / temperature
+    if banned:
+        logits[..., list(banned)] = float("-inf")
     targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    if banned:
+        logprobs = logprobs.masked_fill(batch.completion_mask == 0, 0.0)
+    return logprobs
 
 
 def sharding_options(config: GantryConfig) -> ShardingOptions:
@@ -163,12 +193,28 @@ def _text_config(config):
 
 
 class GRPOTrainer(Trainer):
-    """GRPO on batches of rollout groups, with an optional frozen reference model."""
+    """GRPO on batches of rollout groups, with an optional frozen reference model.
+
+    For a VLM, `samples` (the dataset) gives each prompt's images and videos, which the policy
+    encodes again with the processor; the ids must equal those the rollout engine saw."""
 
     def __init__(
-        self, config: GantryConfig, model_path: str, env: DistEnv, mesh, total_steps: int
+        self,
+        config: GantryConfig,
+        model_path: str,
+        env: DistEnv,
+        mesh,
+        total_steps: int,
+        samples: Sequence = (),
     ) -> None:
         super().__init__(config, model_path, env, mesh, total_steps)
+        self.samples = samples
+        self.prompt_vision = None
+        self.fillers: dict = {}
+        self.banned = media_token_ids(self.model.config)
+        if is_vision_language(self.model.config):
+            self.prompt_vision = PromptVision(model_path)
+            self.fillers = vision_fillers(self.model)
         self.reference = None
         if config.train.train_policy.kl_beta > 0:
             frozen = ShardingOptions(
@@ -181,9 +227,10 @@ class GRPOTrainer(Trainer):
         """One policy step on a batch of groups (a collective); returns global metrics."""
         started = time.perf_counter()
         mine = share_of(rows_of(groups), self.env.rank, self.env.world_size)
+        if self.prompt_vision is not None:
+            self._attach_vision(mine, {g.prompt_id: g for g in groups})
         size = self.config.train.train_policy.mini_batch
-        micro = [pack_rows(mine[i : i + size], self.pad_token_id, self.env.device)
-                 for i in range(0, len(mine), size)]  # fmt: skip
+        micro = [self._pack(mine[i : i + size]) for i in range(0, len(mine), size)]
         tokens = self._all_reduce(
             torch.tensor([sum(float(b.completion_mask.sum()) for b in micro)])
         )
@@ -201,6 +248,36 @@ class GRPOTrainer(Trainer):
         )  # fmt: skip
         return metrics
 
+    def _attach_vision(self, rows: list[Row], groups: dict[str, RolloutGroup]) -> None:
+        """Each row's prompt images / videos, encoded once per prompt."""
+        encoded: dict[str, VisionInputs] = {}
+        for row in rows:
+            if row.prompt_id not in encoded:
+                encoded[row.prompt_id] = self._prompt_vision(groups[row.prompt_id])
+            row.vision = encoded[row.prompt_id]
+
+    def _prompt_vision(self, group: RolloutGroup) -> VisionInputs:
+        index = int(group.prompt_id.split(":")[1])
+        messages = prompt_messages(self.samples[index], "", index)
+        if not has_media(messages):
+            return VisionInputs()
+        ids, vision = self.prompt_vision.encode(messages)
+        if ids != group.prompt_token_ids:
+            raise RuntimeError(
+                f"prompt {group.prompt_id}: the processor's {len(ids)} ids differ from the "
+                f"{len(group.prompt_token_ids)} the rollout engine generated from; policy and "
+                "rollout must load the same processor and media settings"
+            )
+        return vision
+
+    def _pack(self, rows: list[Row]) -> PackedBatch:
+        """A micro-batch, with blank media rows where FSDP needs them (policy.vision)."""
+        if self.fillers:
+            for kind in missing_kinds([r.vision for r in rows]):
+                ids, vision = self.fillers[kind]
+                rows = rows + [Row(ids, len(ids), [], 0.0, vision)]
+        return pack_rows(rows, self.pad_token_id, self.env.device)
+
     def _accumulate(
         self, micro: list[PackedBatch], references: list, global_tokens: float
     ) -> torch.Tensor:
@@ -212,7 +289,7 @@ class GRPOTrainer(Trainer):
         for i, (batch, ref) in enumerate(zip(micro, references, strict=True)):
             # Reduce gradients across ranks once, after the last micro-batch.
             self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            logprobs = token_logprobs(self.model, batch, temperature)
+            logprobs = token_logprobs(self.model, batch, temperature, self.banned)
             loss, stats = grpo_loss(
                 logprobs, batch.behaviour_logprobs, batch.advantages, batch.completion_mask,
                 epsilon_low=policy_cfg.epsilon_low, epsilon_high=policy_cfg.epsilon_high,
@@ -232,5 +309,5 @@ class GRPOTrainer(Trainer):
             return None
         with torch.no_grad():
             return token_logprobs(
-                self.reference, batch, self.config.rollout.sampling_config.temperature
+                self.reference, batch, self.config.rollout.sampling_config.temperature, self.banned
             )

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from gantry.checkpoints import prune_step_dirs, step_of
 from gantry.config import GantryConfig
+from gantry.models import is_vision_language
 from gantry.placement import rollout_dtype
 from gantry.plugin import load_dataset_script
 from gantry.protocol import (
@@ -75,7 +76,9 @@ class PolicyWorker:
         if config.train.train_policy.type == "sft":
             self.trainer = self._sft_trainer(mesh, total_steps)
         else:
-            self.trainer = GRPOTrainer(config, info.model_path, self.env, mesh, total_steps)
+            self.trainer = GRPOTrainer(
+                config, info.model_path, self.env, mesh, total_steps, self._vlm_samples()
+            )
             dtype = rollout_dtype(config.rollout.dtype, info.model_path, torch.cuda.is_available())
             self.weights = PolicySender(
                 self.trainer.weight_manifest_params(), mesh, dtype=dtype, is_store_host=self.is_main
@@ -85,6 +88,15 @@ class PolicyWorker:
         self.save_started: dict[int, float] = {}
         if info.resume_from:
             self._resume(Path(info.resume_from))
+
+    def _vlm_samples(self):
+        """A VLM's GRPO prompts carry images the policy loads from the dataset itself."""
+        from transformers import AutoConfig
+
+        if not is_vision_language(AutoConfig.from_pretrained(self.info.model_path)):
+            return ()
+        script = load_dataset_script(self.info.dataset_script)
+        return script.load_samples(self.config.custom)
 
     def _sft_trainer(self, mesh, total_steps: int) -> SFTTrainer:
         script = load_dataset_script(self.info.dataset_script, need_rewards=False)

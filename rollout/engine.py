@@ -29,6 +29,7 @@ class SamplingSettings:
     max_tokens: int = 64
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    banned_token_ids: list[int] = field(default_factory=list)  # never sampled (VLM placeholders)
 
 
 @dataclass

@@ -37,7 +37,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=0, help="default: max_response_length")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    for flag, value in (("--limit", args.limit), ("--max-tokens", args.max_tokens)):
+        if value < 0:
+            parser.error(f"{flag} must be 0 (all / the default) or more, got {value}")
+    return args
+
+
+def model_problem(model: str) -> str | None:
+    """Why --model cannot be loaded, when it names a local path (it exists, starts with . or /,
+    or has more than the one slash of a repo id) that is not a model directory; else None."""
+    path = Path(model)
+    if not (path.exists() or model.startswith((".", "/")) or model.count("/") > 1):
+        return None  # a Hugging Face repo id
+    if not path.is_dir():
+        return (
+            f"--model {model}: no such directory; give an exported model directory "
+            "(outputs/RUN/export/final) or a Hugging Face repo id"
+        )
+    if not (path / "config.json").is_file():
+        return (
+            f"--model {model}: no config.json there, so it is not a model directory; give "
+            "an export such as outputs/RUN/export/final or outputs/RUN/export/step_N"
+        )
+    return None
 
 
 def answer_records(samples, indices: list[int], predictions: list[str]) -> list[dict]:
@@ -104,6 +127,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         max_tokens=args.max_tokens or config.rollout.max_response_length,
         seed=config.rollout.seed,
         stop_token_ids=[builder.tokenizer.eos_token_id],
+        banned_token_ids=builder.banned_token_ids,
     )
     try:
         predictions = generate_all(
@@ -125,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     from gantry.config import ConfigError
     from gantry.plugin import DatasetScriptError
 
-    if not Path(args.model).exists() and args.model.startswith((".", "/")):
-        print(f"error: --model {args.model}: no such directory", file=sys.stderr)
+    if problem := model_problem(args.model):
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         evaluate(args)

@@ -85,6 +85,7 @@ class HFEngine:
             eos_token_id=sorted(stop_ids) or None,
             pad_token_id=self.pad_id,
             num_return_sequences=sampling.n,
+            bad_words_ids=[[t] for t in sampling.banned_token_ids] or None,
             output_scores=True,
             return_dict_in_generate=True,
         )

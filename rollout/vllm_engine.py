@@ -132,7 +132,8 @@ class VLLMEngine:
             else TokensPrompt(prompt_token_ids=list(p))
             for p in prompts
         ]
-        params = [_sampling_params(sampling, i) for i in range(len(prompts))]
+        banned = self._token_texts(sampling.banned_token_ids)
+        params = [_sampling_params(sampling, i, banned) for i in range(len(prompts))]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
         results = []
         for prompt, out in zip(prompts, outputs, strict=True):
@@ -140,6 +141,11 @@ class VLLMEngine:
             ordered = sorted(out.outputs, key=lambda c: c.index)
             results.append([_completion(c, seen) for c in ordered])
         return results
+
+    def _token_texts(self, token_ids: list[int]) -> list[str]:
+        if not token_ids:
+            return []
+        return self._llm.get_tokenizer().convert_ids_to_tokens(list(token_ids))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (HF name, tensor) pairs in place, in every worker.
@@ -167,9 +173,11 @@ class VLLMEngine:
         self._forget_cached_prefixes()
 
     def _forget_cached_prefixes(self) -> None:
-        # Cached KV blocks were computed with the old weights.
+        # Cached KV blocks, and a VLM's cached vision embeddings, were computed with the old
+        # weights.
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+        self._llm.llm_engine.reset_encoder_cache()
 
     def _payloads(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple]:
         if self.in_process:
@@ -222,7 +230,7 @@ def _engine_in_process(tp_size: int) -> bool:
     return tp_size == 1 and not envs.VLLM_ENABLE_V1_MULTIPROCESSING
 
 
-def _sampling_params(sampling: SamplingSettings, index: int):
+def _sampling_params(sampling: SamplingSettings, index: int, banned: list[str] | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -236,6 +244,8 @@ def _sampling_params(sampling: SamplingSettings, index: int):
         stop_token_ids=list(sampling.stop_token_ids),
         logprobs=0,  # only the sampled token's
         detokenize=False,  # the rollout worker decodes what it needs
+        # Special tokens: each is one token id, masked before the log-probs are taken.
+        bad_words=banned or None,
     )
 
 

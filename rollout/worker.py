@@ -191,4 +191,5 @@ class RolloutWorker:
             max_tokens=cfg.max_response_length,
             seed=(cfg.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31),
             stop_token_ids=[self.tokenizer.eos_token_id],
+            banned_token_ids=self.prompts_of.banned_token_ids,
         )

@@ -84,9 +84,9 @@ def test_mask_with_an_image_skips_the_patch_tokens(tiny_vlm, tmp_path):
     }
     example = encoder.encode(sample, 0)
     pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    grid = example.vision["image_grid_thw"]
+    grid = example.vision.tensors["image_grid_thw"]
     assert example.input_ids.count(pad) == int(grid.prod()) // 4 == 4  # 56x56: 2x2 merged
-    assert example.vision["pixel_values"].shape[0] == int(grid.prod())
+    assert example.vision.tensors["pixel_values"].shape[0] == int(grid.prod())
     expected = tok("red<|im_end|>", add_special_tokens=False)["input_ids"]
     assert masked_runs(example.input_ids, example.loss_mask) == [expected]
 
