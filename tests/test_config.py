@@ -549,3 +549,10 @@ def test_policy_scale_keys_load():
     assert config.train.optm_warmup_steps == 0.1 and config.train.optm_decay_type == "cosine"
     assert config.train.ckpt.upload_s3 == "all" and config.train.resume is True
     assert config.policy.parallelism.n_init_replicas == 2
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_load(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)  # examples use implemented keys only
+        load_config(path)
