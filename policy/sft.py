@@ -34,7 +34,7 @@ from policy.sft_data import (
     with_fillers,
 )
 from policy.trainer import Trainer, share_of
-from policy.vision import vision_fillers
+from policy.vision import token_types, vision_fillers
 
 log = logging.getLogger("gantry.policy")
 
@@ -108,7 +108,10 @@ class SFTTrainer(Trainer):
 
     def _collate(self, examples: list[Example]) -> MicroBatch:
         examples = with_fillers(examples, self.fillers)
-        return collate(examples, self.pad_token_id, self.env.device)
+        batch = collate(examples, self.pad_token_id, self.env.device)
+        if self.vision:
+            batch.vision["mm_token_type_ids"] = token_types(batch.input_ids, self.model.config)
+        return batch
 
     # ---- validation -------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from policy.vision import (
     VisionInputs,
     merge_vision,
     missing_kinds,
+    token_types,
     vision_fillers,
 )
 
@@ -276,7 +277,10 @@ class GRPOTrainer(Trainer):
             for kind in missing_kinds([r.vision for r in rows]):
                 ids, vision = self.fillers[kind]
                 rows = rows + [Row(ids, len(ids), [], 0.0, vision)]
-        return pack_rows(rows, self.pad_token_id, self.env.device)
+        batch = pack_rows(rows, self.pad_token_id, self.env.device)
+        if self.prompt_vision is not None:
+            batch.vision["mm_token_type_ids"] = token_types(batch.input_ids, self.model.config)
+        return batch
 
     def _accumulate(
         self, micro: list[PackedBatch], references: list, global_tokens: float

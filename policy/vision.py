@@ -49,6 +49,15 @@ def merge_vision(rows: list[VisionInputs], device: torch.device) -> dict[str, to
     return merged
 
 
+def token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """Qwen-VL's `mm_token_type_ids` for a batch (1: image patch, 2: video patch, 0: text).
+
+    With them transformers builds the 3-D (M-RoPE) positions of the patches, as the processor's
+    own output and vLLM do; without them every token is positioned as text."""
+    types = (input_ids == config.image_token_id).int()
+    return types + 2 * (input_ids == config.video_token_id).int()
+
+
 def vision_fillers(model) -> dict[str, tuple[list[int], VisionInputs]]:
     """A blank image and a blank video for a Qwen-VL model: (token ids, vision inputs), keyed
     by the media kind they stand in for."""

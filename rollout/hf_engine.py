@@ -128,7 +128,6 @@ class HFEngine:
             self._processor = AutoProcessor.from_pretrained(self.model_path)
         kwargs = prompt.media.processor_kwargs()
         inputs = self._processor(text=[prompt.text], **kwargs, return_tensors="pt")
-        inputs.pop("mm_token_type_ids", None)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     @torch.no_grad()

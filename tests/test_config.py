@@ -551,7 +551,9 @@ def test_policy_scale_keys_load():
     assert config.policy.parallelism.n_init_replicas == 2
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name
+)
 def test_example_configs_load(path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)  # examples use implemented keys only
