@@ -42,6 +42,8 @@ def resolve_parallelism(config: GantryConfig, gpus: int | None = None) -> Gantry
     parallel = config.policy.parallelism
     rollout_devices = (
         config.rollout.parallelism.n_init_replicas * config.rollout.parallelism.tp_size
+        if config.train.train_policy.type == "grpo"
+        else 0  # SFT starts no rollout replicas
     )
     replicas = parallel.n_init_replicas * parallel.dp_replicate_size
     shard = parallel.dp_shard_size

@@ -17,6 +17,12 @@ def test_auto_shard_takes_the_gpus_rollouts_leave():
                            "policy.parallelism.dp_replicate_size=2"]), gpus=9)  # fmt: skip
     assert resolved.policy.parallelism.dp_shard_size == 4  # (9 - 1 rollout) / 2 copies
     assert resolve_parallelism(config, gpus=0).policy.parallelism.dp_shard_size == 1  # CPU
+    sft = load_config(
+        None,
+        ["policy.parallelism.dp_shard_size=-1", "train.train_batch_per_replica=48",
+         'train.train_policy.type="sft"'],
+    )  # fmt: skip
+    assert resolve_parallelism(sft, gpus=8).policy.parallelism.dp_shard_size == 8  # no rollout
 
 
 def test_too_many_processes_for_the_gpus():

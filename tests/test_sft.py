@@ -237,3 +237,54 @@ def test_vlm_sft_run_on_llava_data_exports_a_loadable_checkpoint(tmp_path):
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     assert torch.isfinite(model(**inputs).logits).all()
+
+
+SFT_RUN = [
+    "--config", "configs/quickstart-sft.toml", "datasets/arithmetic.py", "custom.size=200",
+    "train.train_batch_per_replica=16", "train.train_policy.mini_batch=8",
+    'train.optm_decay_type="constant"', "train.optm_warmup_steps=0", "validation.enable=false",
+    "train.ckpt.enable_checkpoint=true", "train.ckpt.save_freq=2", "train.ckpt.max_keep=-1",
+    "logging.log_interval=1",
+]  # fmt: skip
+
+
+def _sft(out: Path, *extra: str) -> Path:
+    cmd = [sys.executable, "-m", "gantry.launcher", *SFT_RUN, f'train.output_dir="{out}"', *extra]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    (run_dir,) = [p for p in out.iterdir() if not p.name.startswith(".")]
+    return run_dir
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_sft_resumes_from_a_checkpoint_to_the_same_losses_and_weights(tmp_path):
+    """6 steps in one go == 3 steps, then a run resumed from the step-2 checkpoint: the dataset
+    order, the optimizer and the weights carry over exactly."""
+    from safetensors.torch import load_file
+
+    whole = _sft(tmp_path / "whole", "train.max_num_steps=6")
+    first = _sft(tmp_path / "first", "train.max_num_steps=3")
+    resumed = _sft(
+        tmp_path / "resumed",
+        "train.max_num_steps=6",
+        f'train.resume="{first / "checkpoints" / "step_2"}"',
+    )
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+    before, after = losses(whole), losses(resumed)
+    assert sorted(after) == [3, 4, 5, 6]
+    for step in after:
+        assert after[step] == pytest.approx(before[step], rel=1e-5), step
+    assert losses(first)[3] == pytest.approx(before[3], rel=1e-5)
+    expected = load_file(whole / "export" / "final" / "model-00001-of-00001.safetensors")
+    got = load_file(resumed / "export" / "final" / "model-00001-of-00001.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert (got[name] - tensor).abs().max() <= 1e-6, name
+    result = json.loads((resumed / "result.json").read_text())
+    assert result["type"] == "sft" and result["steps"] == 6
+    assert result["resumed_from"].endswith("step_2")
