@@ -56,7 +56,8 @@ class SFTTrainer(Trainer):
         self.encoder = ConversationEncoder(
             model_path, config.policy.model_max_length, vision=self.vision
         )
-        self.fillers = vision_fillers(self.model) if self.vision else {}
+        # Blank media rows keep ranks in step; a single rank has none to keep in step with.
+        self.fillers = vision_fillers(self.model) if self.vision and env.world_size > 1 else {}
 
     # ---- training ---------------------------------------------------------------------
 

@@ -215,7 +215,8 @@ class GRPOTrainer(Trainer):
         self.banned = media_token_ids(self.model.config)
         if is_vision_language(self.model.config):
             self.prompt_vision = PromptVision(model_path)
-            self.fillers = vision_fillers(self.model)
+            if env.world_size > 1:  # blank media rows keep the ranks' collectives in step
+                self.fillers = vision_fillers(self.model)
         self.reference = None
         if config.train.train_policy.kl_beta > 0:
             frozen = ShardingOptions(

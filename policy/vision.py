@@ -4,7 +4,7 @@ micro-batches, the prompts of GRPO rollouts encoded again, and the blank fillers
 FSDP2 gathers each vision block when it runs, so every rank must run the vision tower as many
 times, in the same order (images, then videos), in every micro-batch. A micro-batch without
 images (or videos) gets a blank one in a row of its own: one merged patch, no trained token, so
-its gradients are zero (`vision_fillers`).
+its gradients are zero (`vision_fillers`). A single rank needs none.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ SYNCS.json is a list of {"version": int, "plan": SyncPlan as a dict}.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,8 @@ def policy(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica
         if env.rank == 0:
             save_atomic(full, out / f"policy_v{version}.pt")
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # torch 2.13's gloo can abort at shutdown (see policy/__main__.py)
 
 
 def receiver(

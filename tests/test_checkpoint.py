@@ -132,6 +132,8 @@ SCRIPT = textwrap.dedent(
             durable(save(STEPS))
         ckpt.close()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # torch 2.13's gloo can abort at shutdown (see policy/__main__.py)
 
 
     def overlap(ckpt, save, model, optimizer, scheduler, env, out):
@@ -152,6 +154,8 @@ SCRIPT = textwrap.dedent(
         (out / f"in_flight_rank{env.rank}.json").write_text(json.dumps(in_flight))
         ckpt.close()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # torch 2.13's gloo can abort at shutdown (see policy/__main__.py)
 
 
     def reshard(ckpt, path, state, env, out):
@@ -167,6 +171,8 @@ SCRIPT = textwrap.dedent(
             torch.save(weights, out / "weights.pt")
         ckpt.close()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # torch 2.13's gloo can abort at shutdown (see policy/__main__.py)
 
 
     if __name__ == "__main__":  # the process-based writer re-imports this file: guard it

@@ -14,7 +14,7 @@ from tests.distributed_helpers import run_ranks
 
 RANK_SCRIPT = textwrap.dedent(
     """
-    import json, sys, torch, torch.distributed as dist
+    import json, os, sys, torch, torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from gantry.config import load_config
     from gantry.protocol import RolloutGroup, Sample
@@ -51,6 +51,9 @@ RANK_SCRIPT = textwrap.dedent(
         torch.save(state, out + ".pt")
         json.dump(steps, open(out + ".json", "w"))
     dist.destroy_process_group()
+    # torch 2.13's gloo can abort at interpreter shutdown (see policy/__main__.py)
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 

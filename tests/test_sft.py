@@ -171,6 +171,9 @@ SFT_RANK_SCRIPT = textwrap.dedent(
     if env.rank == 0:
         json.dump(result, open(out, "w"))
     dist.destroy_process_group()
+    # torch 2.13's gloo can abort at interpreter shutdown (see policy/__main__.py)
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
