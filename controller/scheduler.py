@@ -11,12 +11,12 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from gantry.protocol import PromptTask, RolloutGroup
+from gantry.protocol import PromptTask, RolloutGroup, prompt_id_parts
 
 
 def task_of(prompt_id: str) -> PromptTask:
     """The PromptTask a prompt id ("<epoch>:<index>") was made from, to dispatch it again."""
-    epoch, index = (int(part) for part in prompt_id.split(":"))
+    epoch, index = prompt_id_parts(prompt_id)
     return PromptTask(prompt_id=prompt_id, epoch=epoch, index=index)
 
 
@@ -50,18 +50,13 @@ class PromptQueue:
     def state(self, pending: list[str]) -> dict:
         """The queue as JSON, with `pending` (prompt ids handed out but not trained) put back
         in front, so a run resumed from this state trains every prompt exactly once."""
-        retry = sorted(pending, key=_prompt_order) + [t.prompt_id for t in self._retry]
+        retry = sorted(pending, key=prompt_id_parts) + [t.prompt_id for t in self._retry]
         return {"epoch": self._epoch, "order": list(self._order), "retry": retry}
 
     def restore(self, state: dict) -> None:
         self._epoch = state["epoch"]
         self._order = deque(state["order"])
         self._retry = deque(task_of(prompt_id) for prompt_id in state["retry"])
-
-
-def _prompt_order(prompt_id: str) -> tuple[int, int]:
-    epoch, index = prompt_id.split(":")
-    return int(epoch), int(index)
 
 
 @dataclass

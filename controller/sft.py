@@ -13,7 +13,7 @@ import logging
 import statistics
 import time
 
-from controller.controller import Controller
+from controller.controller import GROUP, Controller
 from gantry.config import GantryConfig
 from gantry.protocol import SFTBatch, StepDone, Validate, ValidationDone
 from gantry.runtime import RunInfo, append_jsonl
@@ -27,7 +27,6 @@ class SFTController(Controller):
         self.n_rollout_replicas = 0
         self.tokens_per_s: list[float] = []
         self.validations: list[dict] = []
-        self._epoch = 0
 
     # ---- what differs from GRPO ---------------------------------------------------------
 
@@ -60,10 +59,9 @@ class SFTController(Controller):
         if any(task is None for task in tasks):  # planned_steps counts full batches only
             raise RuntimeError("the dataset order ran out before the planned steps")
         self.steps_sent += 1
-        self._epoch = tasks[-1].epoch
         batch = SFTBatch(step=self.steps_sent, indices=[t.index for t in tasks])
         self.plane.send(self.keys.policy_commands, batch)
-        self.pending_batch = {"sent": time.monotonic(), "epoch": self._epoch}
+        self.pending_batch = {"sent": time.monotonic(), "epoch": tasks[-1].epoch}
 
     def _on_step_done(self, done: StepDone) -> None:
         validation = self.config.validation
@@ -75,7 +73,7 @@ class SFTController(Controller):
 
     def _handle(self, delivery) -> None:
         if isinstance(delivery.message, ValidationDone):
-            self.plane.ack(delivery.stream, "controller", [delivery.entry_id])
+            self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
             self._on_validation(delivery.message)
             return
         super()._handle(delivery)

@@ -30,6 +30,12 @@ class PromptTask(_Message):
     index: int  # index into the dataset returned by the script's get_dataset
 
 
+def prompt_id_parts(prompt_id: str) -> tuple[int, int]:
+    """(epoch, dataset index) of a prompt id "<epoch>:<index>"."""
+    epoch, index = prompt_id.split(":")
+    return int(epoch), int(index)
+
+
 class Receiver(_Message):
     """A rollout replica taking part in a weight sync, with its number of receiving ranks."""
 

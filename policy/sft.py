@@ -15,7 +15,6 @@ VLM micro-batch lacking images or videos gets a blank one that trains nothing
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from gantry.config import GantryConfig
-from gantry.models import is_vision_language
 from policy.parallel import DistEnv
 from policy.sft_data import (
     IGNORE,
@@ -34,9 +32,6 @@ from policy.sft_data import (
     with_fillers,
 )
 from policy.trainer import Trainer, share_of
-from policy.vision import token_types, vision_fillers
-
-log = logging.getLogger("gantry.policy")
 
 
 class SFTTrainer(Trainer):
@@ -52,12 +47,9 @@ class SFTTrainer(Trainer):
     ) -> None:
         super().__init__(config, model_path, env, mesh, total_steps)
         self.samples, self.val_samples = samples, val_samples
-        self.vision = is_vision_language(self.model.config)
         self.encoder = ConversationEncoder(
             model_path, config.policy.model_max_length, vision=self.vision
         )
-        # Blank media rows keep ranks in step; a single rank has none to keep in step with.
-        self.fillers = vision_fillers(self.model) if self.vision and env.world_size > 1 else {}
 
     # ---- training ---------------------------------------------------------------------
 
@@ -99,19 +91,17 @@ class SFTTrainer(Trainer):
     def _loss_sum(self, batch: MicroBatch) -> torch.Tensor:
         """Summed cross-entropy of the batch's assistant tokens (float32 logits)."""
         logits = self.model(**batch.model_inputs()).logits[:, :-1].float()
-        loss = F.cross_entropy(
+        return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             batch.targets.reshape(-1),
             ignore_index=IGNORE,
             reduction="sum",
         )
-        return loss
 
     def _collate(self, examples: list[Example]) -> MicroBatch:
         examples = with_fillers(examples, self.fillers)
         batch = collate(examples, self.pad_token_id, self.env.device)
-        if self.vision:
-            batch.vision["mm_token_type_ids"] = token_types(batch.input_ids, self.model.config)
+        self._add_token_types(batch.vision, batch.input_ids)
         return batch
 
     # ---- validation -------------------------------------------------------------------

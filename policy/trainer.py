@@ -25,7 +25,7 @@ from gantry.config import GantryConfig
 from gantry.media import has_media
 from gantry.models import is_vision_language, media_token_ids
 from gantry.plugin import prompt_messages
-from gantry.protocol import RolloutGroup
+from gantry.protocol import RolloutGroup, prompt_id_parts
 from policy.export import tied_weight_names
 from policy.grpo import group_advantages, grpo_loss
 from policy.optim import build_optimizer, build_scheduler
@@ -62,9 +62,15 @@ def rows_of(groups: list[RolloutGroup]) -> list[Row]:
         advantages = group_advantages(rewards.unsqueeze(0)).squeeze(0).tolist()
         prompt = group.prompt_token_ids
         for sample, advantage in zip(group.samples, advantages, strict=True):
-            row = Row(prompt + sample.token_ids, len(prompt), sample.logprobs, advantage)
-            row.prompt_id = group.prompt_id
-            rows.append(row)
+            rows.append(
+                Row(
+                    prompt + sample.token_ids,
+                    len(prompt),
+                    sample.logprobs,
+                    advantage,
+                    prompt_id=group.prompt_id,
+                )
+            )
     return rows
 
 
@@ -164,6 +170,15 @@ class Trainer:
         optimizer_steps = total_steps * config.train.train_policy.mu_iterations
         self.scheduler = build_scheduler(self.optimizer, config.train, optimizer_steps)
         self.pad_token_id = _text_config(self.model.config).pad_token_id or 0
+        self.vision = is_vision_language(self.model.config)
+        # Blank media rows keep the ranks' collectives in step (policy.vision); a single rank
+        # has none to keep in step with.
+        self.fillers = vision_fillers(self.model) if self.vision and env.world_size > 1 else {}
+
+    def _add_token_types(self, vision: dict, input_ids: torch.Tensor) -> None:
+        """A VLM batch's `mm_token_type_ids` (the M-RoPE positions of its patches)."""
+        if self.vision:
+            vision["mm_token_type_ids"] = token_types(input_ids, self.model.config)
 
     def _optimizer_step(self) -> float:
         clip = self.config.train.optm_grad_norm_clip
@@ -210,13 +225,8 @@ class GRPOTrainer(Trainer):
     ) -> None:
         super().__init__(config, model_path, env, mesh, total_steps)
         self.samples = samples
-        self.prompt_vision = None
-        self.fillers: dict = {}
         self.banned = media_token_ids(self.model.config)
-        if is_vision_language(self.model.config):
-            self.prompt_vision = PromptVision(model_path)
-            if env.world_size > 1:  # blank media rows keep the ranks' collectives in step
-                self.fillers = vision_fillers(self.model)
+        self.prompt_vision = PromptVision(model_path) if self.vision else None
         self.reference = None
         if config.train.train_policy.kl_beta > 0:
             frozen = ShardingOptions(
@@ -229,7 +239,7 @@ class GRPOTrainer(Trainer):
         """One policy step on a batch of groups (a collective); returns global metrics."""
         started = time.perf_counter()
         mine = share_of(rows_of(groups), self.env.rank, self.env.world_size)
-        if self.prompt_vision is not None:
+        if self.vision:
             self._attach_vision(mine, {g.prompt_id: g for g in groups})
         size = self.config.train.train_policy.mini_batch
         micro = [self._pack(mine[i : i + size]) for i in range(0, len(mine), size)]
@@ -259,7 +269,7 @@ class GRPOTrainer(Trainer):
             row.vision = encoded[row.prompt_id]
 
     def _prompt_vision(self, group: RolloutGroup) -> VisionInputs:
-        index = int(group.prompt_id.split(":")[1])
+        _, index = prompt_id_parts(group.prompt_id)
         messages = prompt_messages(self.samples[index], "", index)
         if not has_media(messages):
             return VisionInputs()
@@ -279,8 +289,7 @@ class GRPOTrainer(Trainer):
                 ids, vision = self.fillers[kind]
                 rows = rows + [Row(ids, len(ids), [], 0.0, vision)]
         batch = pack_rows(rows, self.pad_token_id, self.env.device)
-        if self.prompt_vision is not None:
-            batch.vision["mm_token_type_ids"] = token_types(batch.input_ids, self.model.config)
+        self._add_token_types(batch.vision, batch.input_ids)
         return batch
 
     def _accumulate(
