@@ -34,6 +34,17 @@ def auto_model_class(config: Any):
     return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
+def load_text_front_end(model_path: str, vision: bool):
+    """(processor, tokenizer) of a checkpoint: a VLM's processor (image processor + tokenizer +
+    chat template) and its tokenizer, or (None, the tokenizer) for a text model."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if vision:
+        processor = AutoProcessor.from_pretrained(model_path)
+        return processor, processor.tokenizer
+    return None, AutoTokenizer.from_pretrained(model_path)
+
+
 def load_pretrained(model_path: str, **kwargs):
     """`from_pretrained` with the class that fits the checkpoint's config."""
     from transformers import AutoConfig

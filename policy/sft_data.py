@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gantry.media import has_media, load_media
+from gantry.models import load_text_front_end
 from policy.vision import VisionInputs, merge_vision, missing_kinds
 
 IGNORE = -100
@@ -53,12 +54,7 @@ class ConversationEncoder:
     """Encodes a dataset sample's `messages` with the model's tokenizer or processor."""
 
     def __init__(self, model_path: str, max_length: int, vision: bool) -> None:
-        from transformers import AutoProcessor, AutoTokenizer
-
-        self.processor = AutoProcessor.from_pretrained(model_path) if vision else None
-        self.tokenizer = (
-            self.processor.tokenizer if vision else AutoTokenizer.from_pretrained(model_path)
-        )
+        self.processor, self.tokenizer = load_text_front_end(model_path, vision)
         self.templater = self.processor or self.tokenizer
         self.max_length = max_length
         self.truncated = 0

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gantry.media import has_media, load_media
-from gantry.models import is_vision_language, media_token_ids
+from gantry.models import is_vision_language, load_text_front_end, media_token_ids
 from gantry.plugin import prompt_messages
 from rollout.engine import EnginePrompt, MultimodalPrompt
 
@@ -23,15 +23,12 @@ class PromptBuilder:
     """Turns samples into engine prompts with the model's tokenizer (and processor, for a VLM)."""
 
     def __init__(self, model_path: str) -> None:
-        from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_path)
         self.vision = is_vision_language(config)
         self.banned_token_ids = media_token_ids(config)
-        self.processor = AutoProcessor.from_pretrained(model_path) if self.vision else None
-        self.tokenizer = (
-            self.processor.tokenizer if self.vision else AutoTokenizer.from_pretrained(model_path)
-        )
+        self.processor, self.tokenizer = load_text_front_end(model_path, self.vision)
         self.templater = self.processor or self.tokenizer
 
     def build(
