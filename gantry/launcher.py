@@ -3,8 +3,11 @@
 It validates the config and the dataset script (exit 2 on bad input, before any worker starts),
 creates the run directory `<train.output_dir>/<timestamp>/` with the resolved config, starts the
 embedded redis-server unless `redis.url` is set, then the controller, the policy and the rollout
-processes, with their output prefixed by role and kept in `logs/`. If a process dies, the others
-are stopped and the launcher exits 1 naming it; it exits 0 when training is done.
+processes, with their output prefixed by role and kept in `logs/`. A rollout replica that dies
+is reported to the controller, which hands its prompts to the others; if the controller or a
+policy process dies, the others are stopped and the run starts again from its last complete
+checkpoint (fault_tolerance.max_restarts times), else the launcher exits 1 naming it. It exits
+0 when training is done.
 """
 
 from __future__ import annotations
@@ -14,18 +17,25 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from gantry import checkpoints
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
+from gantry.multinode import Cluster, join_run, publish_run
+from gantry.nodes import NodePlanError, Placed
 from gantry.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
 from gantry.plugin import DatasetScriptError, load_dataset_script
 from gantry.processes import ProcessGroupSupervisor
+from gantry.protocol import WorkerFailed
 from gantry.redis_server import RedisServer, RedisServerError, free_port
 from gantry.runtime import RunInfo, groups_per_step, planned_steps
 from gantry.tiny_model import BUILTIN_MODELS
+from gantry.transport import ControlPlane, redis_password
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +51,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
     )
+    nodes = parser.add_argument_group(
+        "several nodes", "start the launcher on every node with the same config and dataset"
+    )
+    nodes.add_argument("--nnodes", type=int, default=1, help="nodes of the run (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this node; 0 runs the controller")
+    nodes.add_argument(
+        "--controller", default="", metavar="HOST:PORT",
+        help="node 0's address as the others reach it, and the port of the run's Redis there",
+    )  # fmt: skip
+    nodes.add_argument(
+        "--run-id", default="", help="the run directory's name (default: a timestamp)"
+    )
+    nodes.add_argument(
+        "--policy-nodes", type=int, default=0,
+        help="GRPO: nodes for the policy, the others for rollout (default: from the GPUs)",
+    )  # fmt: skip
+    nodes.add_argument(
+        "--connect-timeout", type=float, default=300.0,
+        help="seconds a node waits for node 0's Redis and run (default 300)",
+    )  # fmt: skip
     return parser.parse_intermixed_args(argv)  # overrides may follow --dry-run
 
 
@@ -97,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{parallel.dp_shard_size}); rollout: {rollout_plan(config)}"
         )
         return 0
+    try:
+        cluster = Cluster.of(args, config)
+    except (LaunchError, NodePlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not cluster.is_head:
+        return join_run(config, cluster, args.connect_timeout)
     output_dir = Path(config.train.output_dir).resolve()
     try:
         model_path = resolve_model(config.policy.model_name_or_path, output_dir)
@@ -104,58 +141,125 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = output_dir / stamp
-    while run_dir.exists():  # two runs in the same second
-        stamp += "-" + secrets.token_hex(2)
-        run_dir = output_dir / stamp
-    run_dir.mkdir(parents=True)
+    run_id, run_dir = new_run_dir(output_dir, args.run_id)
     write_resolved_config(config, run_dir / "config.json")
     info = RunInfo(
-        run_id=stamp,
+        run_id=run_id,
         run_dir=str(run_dir),
         redis_url="",
         dataset_script=str(script.path),
         dataset_size=dataset_size,
         model_path=model_path,
         resume_from=str(resume_from or ""),
+        head_host=cluster.head_host,
     )
-    return run(config, info)
+    return run(config, info, cluster)
 
 
-def run(config, info: RunInfo) -> int:
+def new_run_dir(output_dir: Path, run_id: str) -> tuple[str, Path]:
+    """`<output_dir>/<run_id>`; a timestamp when no id is given. A named run directory that
+    exists is taken over (a requeued SLURM job keeps its id)."""
+    if run_id:
+        run_dir = output_dir / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_id, run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = output_dir / stamp
+    while run_dir.exists():  # two runs in the same second
+        stamp += "-" + secrets.token_hex(2)
+        run_dir = output_dir / stamp
+    run_dir.mkdir(parents=True)
+    return stamp, run_dir
+
+
+def run(config, info: RunInfo, cluster: Cluster) -> int:
     run_dir = Path(info.run_dir)
     redis_server = None
     url = config.redis.url
     if not url:
-        redis_server = RedisServer(run_dir / "redis", config.redis.port, config.redis.executable)
+        redis_server = RedisServer(
+            run_dir / "redis",
+            cluster.redis_port or config.redis.port,
+            config.redis.executable,
+            bind=cluster.redis_bind,
+            password=redis_password(),
+        )
         try:
             url = redis_server.start()
         except RedisServerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     info.redis_url = url
-    info.write()
     print(f"run directory: {run_dir}", flush=True)
-    if info.resume_from:
-        print(f"resuming from: {info.resume_from}", flush=True)
-    supervisor = ProcessGroupSupervisor(run_dir / "logs")
     try:
-        supervisor.start("controller", ["-m", "controller", "--run-dir", str(run_dir)])
-        for i, command in enumerate(policy_commands(config, run_dir)):
-            supervisor.start(f"policy{i}", command)
-        for i in range(rollout_replicas(config)):
-            cmd = ["-m", "rollout", "--run-dir", str(run_dir), "--replica", str(i)]
-            supervisor.start(f"rollout{i}", cmd)
-        code = supervisor.wait(main="controller")
-    except KeyboardInterrupt:
-        print("[launcher] interrupted: stopping the run", file=sys.stderr, flush=True)
-        code = 130
+        code = run_with_restarts(config, info, cluster)
     finally:
-        supervisor.stop_all()
         if redis_server is not None:
             redis_server.stop()
     return code if code else report_success(run_dir)
+
+
+def run_with_restarts(config, info: RunInfo, cluster: Cluster) -> int:
+    """Run the processes; when one the run cannot go on without dies, start them all again
+    from the run's last complete checkpoint, up to fault_tolerance.max_restarts times."""
+    restarts = config.fault_tolerance.max_restarts
+    first_resume = info.resume_from
+    for attempt in range(restarts + 1):
+        if attempt:
+            latest = checkpoints.latest_complete(Path(info.run_dir) / checkpoints.CHECKPOINTS)
+            info.resume_from = str(latest) if latest is not None else first_resume
+            ControlPlane(info.redis_url).delete_prefix(info.keys.prefix)
+            info.attempt = attempt
+            say(
+                f"restart {attempt}/{restarts}: "
+                + (f"resuming from {info.resume_from}" if info.resume_from else "from the start")
+            )
+        elif info.resume_from:
+            print(f"resuming from: {info.resume_from}", flush=True)
+        info.policy_master = f"{cluster.head_host}:{free_port(cluster.redis_bind)}"
+        info.write()
+        publish_run(info, cluster.run_key)  # the other nodes start (again) on this
+        code = run_processes(config, info, cluster.placed)
+        if code in (0, EXIT_INTERRUPTED):
+            return code
+    say(f"the run failed {restarts + 1} time(s) (fault_tolerance.max_restarts = {restarts})")
+    return code
+
+
+def run_processes(
+    config, info: RunInfo, placed: list[Placed], stop_when: Callable[[], bool] = lambda: False
+) -> int:
+    """One attempt of this node's processes. On node 0: until the controller exits. On the
+    others: until all of them have exited, or `stop_when` (node 0 started the run again). A
+    rollout replica that dies is reported to the controller, which goes on without it."""
+    run_dir = Path(info.run_dir)
+    plane = ControlPlane(info.redis_url)
+
+    def lost(name: str, how: str) -> None:
+        replica = name.removeprefix("rollout")
+        failed = WorkerFailed(role="rollout", replica=replica, error=f"process died with {how}")
+        plane.send(info.keys.events, failed)
+
+    supervisor = ProcessGroupSupervisor(run_dir / "logs")
+    try:
+        for process in placed:
+            supervisor.start(process.name, process_command(config, info, process), process.env)
+        return supervisor.wait(
+            main="controller" if any(p.role == "controller" for p in placed) else None,
+            expendable=lambda name: name.startswith("rollout"),
+            on_lost=lost,
+            stop_when=stop_when,
+        )
+    except KeyboardInterrupt:
+        say("interrupted: stopping the run")
+        return EXIT_INTERRUPTED
+    finally:
+        supervisor.stop_all()
+        plane.close()
+
+
+def say(text: str) -> None:
+    print(f"[launcher] {text}", file=sys.stderr, flush=True)
 
 
 def rollout_replicas(config) -> int:
@@ -171,29 +275,24 @@ def rollout_plan(config) -> str:
     return f"{rollout_replicas(config)} replica(s) x tp {config.rollout.parallelism.tp_size}"
 
 
-def policy_commands(config, run_dir: Path) -> list[list[str]]:
-    """One torchrun agent per policy replica, all joining one job: replica i is torchrun's
-    node i, with dp_replicate_size x dp_shard_size local ranks."""
+def process_command(config, info: RunInfo, process: Placed) -> list[str]:
+    """The python arguments of one process. A policy replica is a torchrun agent: all of them
+    form one job, replica i being torchrun's node i, with dp_replicate_size x dp_shard_size
+    local ranks, meeting at the address node 0 published."""
+    run_dir = ["--run-dir", info.run_dir]
+    if process.role == "controller":
+        return ["-m", "controller", *run_dir]
+    if process.role == "rollout":
+        return ["-m", "rollout", *run_dir, "--replica", str(process.replica)]
     parallel = config.policy.parallelism
-    port = free_port()
+    host, port = info.policy_master.rsplit(":", 1)
     return [
-        [
-            "-m",
-            "torch.distributed.run",
-            f"--nnodes={parallel.n_init_replicas}",
-            f"--node-rank={i}",
-            f"--nproc-per-node={parallel.ranks_per_replica}",
-            "--master-addr=127.0.0.1",
-            f"--master-port={port}",
-            "-m",
-            "policy",
-            "--run-dir",
-            str(run_dir),
-            "--replica",
-            str(i),
-        ]  # fmt: skip
-        for i in range(parallel.n_init_replicas)
-    ]
+        "-m", "torch.distributed.run",
+        f"--nnodes={parallel.n_init_replicas}", f"--node-rank={process.replica}",
+        f"--nproc-per-node={parallel.ranks_per_replica}",
+        f"--master-addr={host}", f"--master-port={port}",
+        "-m", "policy", *run_dir, "--replica", str(process.replica),
+    ]  # fmt: skip
 
 
 def report_success(run_dir: Path) -> int:

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 STOP_GRACE_S = 10.0
+EXIT_RESTARTED = 75  # wait() gave up because the run is being started again
 DRAIN_TIMEOUT_S = 60.0
 
 
@@ -36,8 +38,8 @@ class ProcessGroupSupervisor:
         self.children: dict[str, Child] = {}
         self._print_lock = threading.Lock()
 
-    def start(self, name: str, args: list[str]) -> Child:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        env = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tqdm bars garble prefixed logs
         process = subprocess.Popen(
             [sys.executable, *args],
@@ -57,7 +59,8 @@ class ProcessGroupSupervisor:
 
     def _pump(self, child: Child) -> None:
         width = max(len(n) for n in [*self.children, child.name])
-        with (self.log_dir / f"{child.name}.log").open("w") as log:
+        # Appended: a restarted run's processes continue the logs of the attempt before.
+        with self._log_path(child.name).open("a") as log:
             for line in child.process.stdout:
                 log.write(line)
                 log.flush()
@@ -66,20 +69,54 @@ class ProcessGroupSupervisor:
                     sys.stdout.write(f"[{child.name:<{width}}] {line}")
                     sys.stdout.flush()
 
-    def wait(self, main: str) -> int:
-        """Block until `main` exits 0 and the others follow (0), or any child fails (1)."""
+    def wait(
+        self,
+        main: str | None,
+        expendable: Callable[[str], bool] = lambda name: False,
+        on_lost: Callable[[str, str], None] = lambda name, how: None,
+        stop_when: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Block until `main` exits 0 and the others follow (0; with no `main`, until every
+        child exited 0), or a child fails (1), or `stop_when()` (EXIT_RESTARTED). An
+        `expendable` child that fails is reported to `on_lost(name, how)` and the run goes
+        on, unless every expendable child is gone."""
+        lost: set[str] = set()
         while True:
-            for child in self.children.values():
+            if stop_when():
+                return EXIT_RESTARTED
+            for child in list(self.children.values()):
                 code = child.process.poll()
-                if code is not None and code != 0:
+                if code is None or code == 0 or child.name in lost:
+                    continue
+                if not expendable(child.name):
                     return self._failed(child, code)
-            if self.children[main].process.poll() == 0:
-                return self._drain(main)
+                lost.add(child.name)
+                self._report_lost(child, code)
+                on_lost(child.name, _how(code))
+                if all(n in lost for n in self.children if expendable(n)):
+                    self._say("every expendable process is gone; stopping the run")
+                    return 1
+            if main is None:
+                if all(c.process.poll() is not None for c in self.children.values()):
+                    return 0  # every one exited, the failed ones expendable
+            elif self.children[main].process.poll() == 0:
+                return self._drain(main, lost)
             time.sleep(0.2)
 
-    def _drain(self, main: str) -> int:
+    def _report_lost(self, child: Child, code: int) -> None:
+        if child.reader is not None:
+            child.reader.join(timeout=2)
+        tail = "".join(list(child.tail)[-10:]).rstrip()
+        self._say(
+            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; the run goes on "
+            f"without it. Its last output (full log: {self._log_path(child.name)}):\n{tail}"
+        )
+
+    def _drain(self, main: str, lost: set[str]) -> int:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         for child in self.children.values():
+            if child.name in lost:
+                continue
             try:
                 code = child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -94,13 +131,15 @@ class ProcessGroupSupervisor:
     def _failed(self, child: Child, code: int) -> int:
         if child.reader is not None:
             child.reader.join(timeout=2)
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         tail = "".join(child.tail).rstrip()
         self._say(
-            f"{child.name} (pid {child.process.pid}) died with {how}; stopping the other "
-            f"processes. Its last output (full log: {self.log_dir / (child.name + '.log')}):\n{tail}"
+            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; stopping the other "
+            f"processes. Its last output (full log: {self._log_path(child.name)}):\n{tail}"
         )
         return 1
+
+    def _log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
 
     def _say(self, text: str) -> None:
         with self._print_lock:
@@ -121,6 +160,10 @@ class ProcessGroupSupervisor:
         for child in self.children.values():
             if child.reader is not None:
                 child.reader.join(timeout=2)
+
+
+def _how(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -132,6 +132,8 @@ class SFTBatch(_Message):
     type: Literal["sft_batch"] = "sft_batch"
     step: int
     indices: list[int]
+    # The following step's, for the ranks to encode while this one trains (empty: last step).
+    next_indices: list[int] = Field(default_factory=list)
 
 
 class Validate(_Message):
@@ -226,7 +228,9 @@ class WeightsSynced(_Message):
 
 
 class WorkerFailed(_Message):
-    """A worker hit an error it cannot recover from; the controller ends the run."""
+    """A worker hit an error it cannot recover from, or its launcher saw it die: a rollout
+    replica is dropped (its prompts go to the others), a policy failure ends the run (which the
+    launcher then resumes from the last checkpoint)."""
 
     type: Literal["worker_failed"] = "worker_failed"
     role: str
@@ -296,6 +300,10 @@ class Keys:
         """Stream of controller -> policy commands, read in order by every policy rank (all
         ranks of all replicas run the same steps, checkpoints and exports together)."""
         return self.prefix + "commands:policy"
+
+    def sync_called_off(self, group: str, version: int) -> str:
+        """Set by the controller when a member of this weight sync left the run."""
+        return f"{self.prefix}sync-called-off:{group}:v{version}"
 
     def heartbeat(self, role: str, replica: str) -> str:
         """Key with a TTL, refreshed by a live worker."""

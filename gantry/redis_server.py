@@ -1,4 +1,5 @@
-"""The embedded redis-server: found, started on a free loopback port, stopped.
+"""The embedded redis-server: found, started (on a free loopback port unless told otherwise),
+stopped.
 
 Used by the launcher when `redis.url` is empty, and by the tests. The binary is, in order:
 `redis.executable` from the config, `redis-server` on PATH, the one shipped inside the
@@ -52,32 +53,63 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """A redis-server child process on 127.0.0.1, without persistence, for one run or test."""
+    """A redis-server child process, without persistence, for one run or test.
 
-    def __init__(self, workdir: str | Path, port: int = 0, executable: str = "") -> None:
+    It listens on 127.0.0.1 unless given another address (a multi-node run's head node). With a
+    password, clients must authenticate; the settings reach redis-server on its standard input,
+    so the password appears neither on its command line (visible to `ps`) nor in a file."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        port: int = 0,
+        executable: str = "",
+        *,
+        bind: str = "127.0.0.1",
+        password: str | None = None,
+    ) -> None:
+        if bind not in ("127.0.0.1", "localhost") and not password:
+            raise RedisServerError(
+                f"redis-server on {bind} (reachable from other machines) needs a password: set "
+                "GANTRY_REDIS_PASSWORD on every node"
+            )
         self.workdir = Path(workdir)
         self.requested_port = port
         self.executable = find_redis_server(executable)
+        self.bind, self.password = bind, password
         self.port = 0
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Without the password: URLs end up in run.json and logs."""
+        return f"redis://{self.bind}:{self.port}/0"
+
+    def _settings(self) -> str:
+        lines = [
+            f"port {self.port}", f"bind {self.bind}", 'save ""', "appendonly no",
+            f"dir {self.workdir}", f"logfile {self.workdir / 'redis.log'}", "protected-mode yes",
+        ]  # fmt: skip
+        if self.password:
+            quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'requirepass "{quoted}"')
+        return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 10.0) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A free port can be taken between the probe and the bind: try a few.
         attempts = 1 if self.requested_port else 5
         for _ in range(attempts):
-            self.port = self.requested_port or free_port()
+            self.port = self.requested_port or free_port(self.bind)
             self.process = subprocess.Popen(
-                [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                 "--logfile", str(self.workdir / "redis.log"), "--protected-mode", "yes"],
+                [self.executable, "-"],  # the settings come on stdin
+                stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                text=True,
+            )
+            self.process.stdin.write(self._settings())
+            self.process.stdin.close()
             if self._wait_ready(timeout):
                 return self.url
             self.stop()
@@ -86,7 +118,9 @@ class RedisServer:
         raise RedisServerError(f"redis-server {self.executable} did not start:\n{tail}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        client = redis.Redis(
+            host=self.bind, port=self.port, password=self.password, socket_timeout=1
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

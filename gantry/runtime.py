@@ -41,6 +41,9 @@ class RunInfo(BaseModel):
     dataset_size: int
     model_path: str  # resolved: a built-in "gantry:" model becomes its local directory
     resume_from: str = ""  # a complete checkpoint (checkpoints/step_N) to start from
+    head_host: str = "127.0.0.1"  # node 0 as every node reaches it (the weight-sync store)
+    policy_master: str = ""  # host:port where the policy's torchrun job meets
+    attempt: int = 0  # how many times the launcher started the run again
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunInfo:

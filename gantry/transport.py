@@ -10,6 +10,7 @@ Commands to one worker go through that worker's own stream, read in order with X
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +30,24 @@ class Delivery:
     message: Any
 
 
+PASSWORD_ENV = "GANTRY_REDIS_PASSWORD"
+
+
+def redis_password() -> str | None:
+    """The run's Redis password: from the environment, never from a file or a URL that would
+    be written to the run directory or a log."""
+    return os.environ.get(PASSWORD_ENV) or None
+
+
 class ControlPlane:
     def __init__(self, url: str) -> None:
         self.url = url
         # RESP2 pinned: the reply shapes parsed below differ under RESP3.
-        self.redis = redis.Redis.from_url(
-            url, protocol=2, socket_timeout=30, socket_connect_timeout=_CONNECT_TIMEOUT_S
+        common = dict(
+            protocol=2, socket_connect_timeout=_CONNECT_TIMEOUT_S, password=redis_password()
         )
-        self._blocking = redis.Redis.from_url(
-            url, protocol=2, socket_timeout=None, socket_connect_timeout=_CONNECT_TIMEOUT_S
-        )
+        self.redis = redis.Redis.from_url(url, socket_timeout=30, **common)
+        self._blocking = redis.Redis.from_url(url, socket_timeout=None, **common)
         self._cursors: dict[str, str] = {}
 
     def close(self) -> None:
@@ -121,6 +130,13 @@ class ControlPlane:
         return [d.message for d in deliveries]
 
     # ---- keys -----------------------------------------------------------------------
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under `prefix` (a run's, before it starts again); how many."""
+        keys = list(self.redis.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 1000):
+            self.redis.unlink(*keys[i : i + 1000])
+        return len(keys)
 
     def beat(self, key: str, ttl_s: float) -> None:
         self.redis.set(key, b"1", px=int(ttl_s * 1000))

@@ -13,6 +13,11 @@ trains on its own share of the batch.
 
 Only rank 0 reads the checkpoint's weights; the others build the model on the meta device and
 receive their shards from rank 0, so a node never holds one full copy of the model per rank.
+
+A job of one rank that computes in its master dtype trains the plain module: FSDP2 on a one-rank
+mesh shards nothing, yet its unshard copies, gradient copies and DTensor dispatch cost ~18% of a
+small model's step (bench/sft_throughput.py). Checkpoints, exports and weight sync take plain
+tensors and DTensors alike, so a checkpoint written by one layout loads into the other.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
@@ -129,12 +135,29 @@ class ShardingOptions:
     reshard_after_forward: bool = True
 
 
+def needs_fsdp(mesh: DeviceMesh, options: ShardingOptions) -> bool:
+    """Whether FSDP2 has work to do: ranks to shard over, a compute dtype to cast the master
+    weights to (its mixed precision), or parameters to offload from an accelerator."""
+    offloads = options.cpu_offload and mesh.device_type != "cpu"
+    return mesh.size() > 1 or options.param_dtype != options.master_dtype or offloads
+
+
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Reduce gradients across ranks at the next backward or not (accumulation); a plain
+    module on one rank has nothing to reduce."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
 def shard_model(model: PreTrainedModel, mesh: DeviceMesh, options: ShardingOptions) -> None:
     """Apply FSDP2 in place: one unit per transformer block (the model's `_no_split_modules`),
-    then the root, which holds the embeddings and the (possibly tied) LM head."""
+    then the root, which holds the embeddings and the (possibly tied) LM head. Without
+    `needs_fsdp` the model stays a plain module."""
     if options.gradient_checkpointing:
         # Non-reentrant: the reentrant form re-runs forward hooks, which FSDP2 relies on.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not needs_fsdp(mesh, options):
+        return
     mixed = MixedPrecisionPolicy(
         param_dtype=None if options.param_dtype == options.master_dtype else options.param_dtype,
         reduce_dtype=options.reduce_dtype,

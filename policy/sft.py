@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from gantry.config import GantryConfig
-from policy.parallel import DistEnv
-from policy.sft_data import (
-    IGNORE,
-    ConversationEncoder,
-    Example,
-    MicroBatch,
-    collate,
-    with_fillers,
-)
+from policy.parallel import DistEnv, set_gradient_sync
+from policy.sft_data import IGNORE, MicroBatch
+from policy.sft_prefetch import EncoderSpec, ShareEncoder, StepEncoder
 from policy.trainer import Trainer, share_of
 
 
@@ -47,22 +42,37 @@ class SFTTrainer(Trainer):
     ) -> None:
         super().__init__(config, model_path, env, mesh, total_steps)
         self.samples, self.val_samples = samples, val_samples
-        self.encoder = ConversationEncoder(
-            model_path, config.policy.model_max_length, vision=self.vision
+        spec = EncoderSpec(
+            model_path,
+            config.policy.model_max_length,
+            self.vision,
+            config.train.train_policy.mini_batch,
+            self.pad_token_id,
+            self.fillers,
         )
+        workers = config.train.train_policy.dataloader_num_workers
+        self.steps = StepEncoder(spec, samples, workers)
+        self.val_steps = ShareEncoder(spec, val_samples, self.steps.inline.encoder)
+
+    def close(self) -> None:
+        self.steps.close()
 
     # ---- training ---------------------------------------------------------------------
 
-    def step(self, indices: list[int]) -> dict[str, float]:
-        """One optimizer step on the samples at `indices` (a collective); global metrics."""
+    def step(self, indices: list[int], next_indices: Sequence[int] = ()) -> dict[str, float]:
+        """One optimizer step on the samples at `indices` (a collective); global metrics.
+        `next_indices` (the following step's) are encoded in the background meanwhile."""
         started = time.perf_counter()
-        mine = share_of(indices, self.env.rank, self.env.world_size)
-        examples = [self.encoder.encode(self.samples[i], i) for i in mine]
-        size = self.config.train.train_policy.mini_batch
-        micro = [self._collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+        micro, truncated = self.steps.take(self._share(indices))
+        self.steps.prepare(self._share(next_indices) if next_indices else ())
+        micro = [self._on_device(batch) for batch in micro]
         counts = self._all_reduce(
             torch.tensor(
-                [sum(b.assistant_tokens for b in micro), sum(b.tokens for b in micro)],
+                [
+                    sum(b.assistant_tokens for b in micro),
+                    sum(b.tokens for b in micro),
+                    truncated,
+                ],
                 dtype=torch.float64,
             )
         )
@@ -71,7 +81,7 @@ class SFTTrainer(Trainer):
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros(1, dtype=torch.float64)
         for i, batch in enumerate(micro):
-            self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            set_gradient_sync(self.model, i == len(micro) - 1)
             loss = self._loss_sum(batch) / normalizer
             loss.backward()
             loss_sum += float(loss.detach()) * normalizer
@@ -86,6 +96,7 @@ class SFTTrainer(Trainer):
             "assistant_tokens": global_tokens,
             "tokens_per_s": all_tokens / max(seconds, 1e-9),
             "policy_seconds": seconds,
+            "truncated_samples": float(counts[2]),
         }
 
     def _loss_sum(self, batch: MicroBatch) -> torch.Tensor:
@@ -98,9 +109,11 @@ class SFTTrainer(Trainer):
             reduction="sum",
         )
 
-    def _collate(self, examples: list[Example]) -> MicroBatch:
-        examples = with_fillers(examples, self.fillers)
-        batch = collate(examples, self.pad_token_id, self.env.device)
+    def _share(self, indices: Sequence[int]) -> list[int]:
+        return share_of(list(indices), self.env.rank, self.env.world_size)
+
+    def _on_device(self, batch: MicroBatch) -> MicroBatch:
+        batch = batch.to(self.env.device)
         self._add_token_types(batch.vision, batch.input_ids)
         return batch
 
@@ -119,8 +132,7 @@ class SFTTrainer(Trainer):
             for r in range(rounds):
                 chunk = mine[r * size : (r + 1) * size]
                 # A rank out of samples still runs a forward (weight 0): FSDP's collectives.
-                examples = [self._val_example(i) for i in chunk] or [self._val_example(0)]
-                batch = self._collate(examples)
+                batch = self._on_device(self.val_steps.micro_batches([chunk or [0]])[0][0])
                 loss = self._loss_sum(batch)
                 if chunk:
                     sums += torch.tensor([float(loss), batch.assistant_tokens], dtype=torch.float64)
@@ -132,6 +144,3 @@ class SFTTrainer(Trainer):
             "val_samples": float(len(self.val_samples)),
             "val_seconds": time.perf_counter() - started,
         }
-
-    def _val_example(self, index: int) -> Example:
-        return self.encoder.encode(self.val_samples[index], index)

@@ -16,7 +16,7 @@ is expanded to its patch tokens; the mask is expanded with it (those tokens are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +39,7 @@ class Example:
     loss_mask: list[int]  # 1 where the token is an assistant token (aligned with input_ids)
     vision: VisionInputs = field(default_factory=VisionInputs)  # processor outputs
     filler: bool = False  # a blank row that keeps FSDP's collectives in step (policy.vision)
+    truncated: bool = False  # cut at policy.model_max_length
 
     @property
     def assistant_tokens(self) -> int:
@@ -57,7 +58,6 @@ class ConversationEncoder:
         self.processor, self.tokenizer = load_text_front_end(model_path, vision)
         self.templater = self.processor or self.tokenizer
         self.max_length = max_length
-        self.truncated = 0
 
     def encode(self, sample, index: int) -> Example:
         messages = sample.get("messages") if isinstance(sample, dict) else None
@@ -118,9 +118,8 @@ class ConversationEncoder:
                 f"than policy.model_max_length = {self.max_length}; raise it, or lower "
                 "max_pixels / fps in [custom.vision]"
             )
-        self.truncated += 1
         cut = self.max_length
-        return Example(example.input_ids[:cut], example.loss_mask[:cut])
+        return Example(example.input_ids[:cut], example.loss_mask[:cut], truncated=True)
 
 
 def expand_mask(
@@ -162,6 +161,15 @@ class MicroBatch:
 
     def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
+
+    def to(self, device: torch.device) -> MicroBatch:
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            targets=self.targets.to(device),
+            vision={k: v.to(device) for k, v in self.vision.items()},
+        )
 
 
 def with_fillers(examples: list[Example], fillers: dict) -> list[Example]:

@@ -29,7 +29,13 @@ from gantry.protocol import RolloutGroup, prompt_id_parts
 from policy.export import tied_weight_names
 from policy.grpo import group_advantages, grpo_loss
 from policy.optim import build_optimizer, build_scheduler
-from policy.parallel import DistEnv, ShardingOptions, full_tensor, load_sharded_model
+from policy.parallel import (
+    DistEnv,
+    ShardingOptions,
+    full_tensor,
+    load_sharded_model,
+    set_gradient_sync,
+)
 from policy.vision import (
     PromptVision,
     VisionInputs,
@@ -175,6 +181,9 @@ class Trainer:
         # has none to keep in step with.
         self.fillers = vision_fillers(self.model) if self.vision and env.world_size > 1 else {}
 
+    def close(self) -> None:
+        """Stop what the trainer runs besides the model (the SFT encoder processes)."""
+
     def _add_token_types(self, vision: dict, input_ids: torch.Tensor) -> None:
         """A VLM batch's `mm_token_type_ids` (the M-RoPE positions of its patches)."""
         if self.vision:
@@ -302,7 +311,7 @@ class GRPOTrainer(Trainer):
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
         for i, (batch, ref) in enumerate(zip(micro, references, strict=True)):
             # Reduce gradients across ranks once, after the last micro-batch.
-            self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            set_gradient_sync(self.model, i == len(micro) - 1)
             logprobs = token_logprobs(self.model, batch, temperature, self.banned)
             loss, stats = grpo_loss(
                 logprobs, batch.behaviour_logprobs, batch.advantages, batch.completion_mask,

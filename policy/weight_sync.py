@@ -9,6 +9,8 @@ sync groups meet through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -73,8 +75,11 @@ class PolicySender:
         self.is_store_host = is_store_host
         self.sender: communicator.Sender | None = None
 
-    def send(self, plan: SyncPlan, version: int) -> communicator.SendStats | None:
-        """Take part in the sync `plan` (None on ranks that are not senders)."""
+    def send(
+        self, plan: SyncPlan, version: int, called_off: Callable[[], bool] | None = None
+    ) -> communicator.SendStats | None:
+        """Take part in the sync `plan` (None on ranks that are not senders); SyncCancelled
+        when `called_off` says the controller gave it up."""
         if not self.is_sender:
             return None
         if self.sender is None:
@@ -82,7 +87,7 @@ class PolicySender:
                 plan.host, plan.port, host_it=self.is_store_host, timeout_s=plan.timeout_s
             )
             self.sender = communicator.Sender(self.manifest, self.index, store)
-        return self.sender.send(plan, version, self._local_rows)
+        return self.sender.send(plan, version, self._local_rows, called_off)
 
     def _local_rows(self, entry: ManifestEntry) -> torch.Tensor:
         param = self.params[entry.name]

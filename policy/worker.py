@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gantry.checkpoints import prune_step_dirs, step_of
+from gantry.communicator import SyncCancelled
 from gantry.config import GantryConfig
 from gantry.models import is_vision_language
 from gantry.placement import rollout_dtype
@@ -151,6 +152,7 @@ class PolicyWorker:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+            self.trainer.close()
         self.checkpointer.close()
         dist.destroy_process_group()
 
@@ -168,8 +170,10 @@ class PolicyWorker:
 
     def _handle(self, command) -> None:
         if isinstance(command, TrainBatch | SFTBatch):
-            work = command.groups if isinstance(command, TrainBatch) else command.indices
-            metrics = self.trainer.step(work)
+            if isinstance(command, TrainBatch):
+                metrics = self.trainer.step(command.groups)
+            else:
+                metrics = self.trainer.step(command.indices, command.next_indices)
             if self.is_main:
                 self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
         elif isinstance(command, Validate):
@@ -189,7 +193,14 @@ class PolicyWorker:
     # ---- weights, checkpoints, exports -------------------------------------------------
 
     def _send_weights(self, command: SyncWeights) -> None:
-        stats = self.weights.send(command.plan, command.version)
+        called_off = self.keys.sync_called_off(command.plan.group, command.version)
+        try:
+            stats = self.weights.send(
+                command.plan, command.version, lambda: bool(self.plane.redis.exists(called_off))
+            )
+        except SyncCancelled as exc:  # a rollout replica died: the controller re-plans
+            log.warning("%s", exc)
+            return
         if stats is not None and self.is_main:
             log.info(
                 "sent weights v%d to %d rollout ranks: %.1f MB in %.3fs (%.2f GB/s from this "

@@ -130,7 +130,16 @@ class RolloutWorker:
             if raw is None:
                 raise RuntimeError("no weight manifest in Redis: the policy publishes it first")
             self.manifest = raw.decode()
-        self.engine.receive_weights(command.plan, self.manifest, command.version, self.replica)
+        try:
+            self.engine.receive_weights(command.plan, self.manifest, command.version, self.replica)
+        except Exception:
+            # SyncCancelled, however the engine's worker processes wrapped it: the controller
+            # gave this sync up (another member died) and will order a new one.
+            called_off = self.keys.sync_called_off(command.plan.group, command.version)
+            if not self.plane.redis.exists(called_off):
+                raise
+            log.warning("weight sync v%d called off: a member left the run", command.version)
+            return
         self.version = command.version
         seconds = time.perf_counter() - started
         log.debug("weights v%d received and loaded in %.3fs", command.version, seconds)

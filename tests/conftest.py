@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server on 127.0.0.1, a tiny model directory built locally."""
+"""Shared fixtures: a real redis-server on 127.0.0.1, tiny model directories built locally."""
 
 from __future__ import annotations
 
@@ -30,3 +30,19 @@ def tiny_tied_model_dir(tmp_path_factory):
     from gantry.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """The built-in tiny Qwen2 (gantry:tiny-qwen2), as `ensure_tiny_model` makes it."""
+    from gantry.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("llm") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """The built-in tiny Qwen2.5-VL (gantry:tiny-qwen2.5-vl)."""
+    from gantry.tiny_model import ensure_tiny_vlm
+
+    return ensure_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")

@@ -25,7 +25,6 @@ from transformers import AutoModelForImageTextToText
 from gantry.config import load_config
 from gantry.plugin import load_dataset_script
 from gantry.scoring import format_table, score_record, summarize
-from gantry.tiny_model import ensure_tiny_vlm
 from rollout import evaluate
 from rollout.engine import MultimodalPrompt, SamplingSettings
 from rollout.evaluate import EXIT_BAD_INPUT, answer_records
@@ -91,11 +90,6 @@ def write_config(path: Path, val_annotation: Path, on_bad_entry: str = "fail") -
         f"max_pixels = {56 * 56}\n"
     )
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory) -> Path:
-    return ensure_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,22 @@ def test_results_are_counted_and_their_version_checked():
     with pytest.raises(RuntimeError, match="generated 0:2 with weights v1"):
         f.returned("0", "0:2", 1)
     assert f.stats()["0"]["groups"] == 2 and f.in_flight == {}
+
+
+def test_a_dropped_replica_leaves_its_syncs_and_a_called_off_sync_falls_back():
+    f = fleet()
+    f.register("0", 1, holds_version=0, policy_version=0)
+    f.register("1", 1, holds_version=0, policy_version=0)
+    both = f.plan(["0", "1"])
+    f.synced(["0", "1"], 1)
+    f.dispatched("0", "0:4")  # handed out after the order: must carry v1 ...
+    f.sync_called_off(["0"])  # ... until the sync is called off: v0 is what it holds
+    assert f.replicas["0"].version == 0 and f.replicas["0"].in_flight == {"0:4": 0}
+    f.returned("0", "0:4", 0)  # no complaint: v0 is now the least it can carry
+    f.dispatched("1", "0:5")
+    gone = f.drop("1", "died")
+    assert gone.in_flight == {"0:5": 1} and "1" not in f.replicas
+    assert f.departed == [{"replica": "1", "left": "died", **gone.stats()}]
+    assert f.plan(["0"]) != both and f.plan(["0"]).group != both.group
+    f.confirmed("0", 2)
+    assert f.replicas["0"].held == 2

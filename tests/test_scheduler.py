@@ -40,6 +40,18 @@ def test_queue_retries_first():
     assert len(drain(queue)) == 2
 
 
+def test_peek_shows_the_next_tasks_without_taking_them():
+    queue = PromptQueue(dataset_size=5, epochs=2, seed=3)
+    taken = [queue.next() for _ in range(3)]
+    queue.retry(taken[0])
+    ahead = queue.peek(6)  # the retry, the 2 left of epoch 0, 3 of epoch 1
+    assert queue.peek(6) == ahead  # nothing taken
+    assert [queue.next().index for _ in range(6)] == ahead
+    assert len(queue.peek(10)) == 2  # only two tasks are left
+    assert queue.peek(10) == [queue.next().index, queue.next().index]
+    assert queue.peek(3) == [] and queue.next() is None
+
+
 def test_task_of_inverts_prompt_id():
     task = task_of("3:17")
     assert (task.epoch, task.index, task.prompt_id) == (3, 17, "3:17")

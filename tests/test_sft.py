@@ -14,21 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from gantry.tiny_model import ensure_tiny_model, ensure_tiny_vlm
 from policy.sft_data import ConversationEncoder, collate, expand_mask
 from tests.distributed_helpers import ROOT, run_ranks
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.mktemp("llm") / "model")
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory) -> Path:
-    return ensure_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
 
 
 def masked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
@@ -112,7 +101,8 @@ def test_long_text_is_truncated_but_long_media_is_refused(tiny_llm, tiny_vlm, tm
         ]
     }
     encoder = ConversationEncoder(str(tiny_llm), 16, vision=False)
-    assert len(encoder.encode(text, 0).input_ids) == 16 and encoder.truncated == 1
+    cut = encoder.encode(text, 0)
+    assert len(cut.input_ids) == 16 and cut.truncated
     Image.new("RGB", (280, 280)).save(tmp_path / "big.png")
     image = {"type": "image", "image": str(tmp_path / "big.png")}
     sample = {"messages": [{"role": "user", "content": [image]}, text["messages"][1]]}
@@ -150,30 +140,38 @@ SFT_RANK_SCRIPT = textwrap.dedent(
     from policy.sft import SFTTrainer
     from policy.worker import parallel_dims
 
-    model_dir, image, out, batch = sys.argv[1:5]
-    shards = int(os.environ["WORLD_SIZE"])
-    config = load_config(None, ['train.train_policy.type="sft"', 'train.param_dtype="float32"',
-                                f"policy.parallelism.dp_shard_size={shards}",
-                                "train.optm_lr=1e-2", f"train.train_batch_per_replica={batch}",
-                                "train.train_policy.mini_batch=1", "validation.batch_size=1"])
-    picture = {"type": "image", "image": image, "max_pixels": 3136}
-    samples = [
-        {"messages": [{"role": "user", "content": [picture, {"type": "text", "text": "Colour?"}]},
-                      {"role": "assistant", "content": "red"}]},
-        {"messages": [{"role": "user", "content": "Say hi"},
-                      {"role": "assistant", "content": "hi there"}]},
-    ]
-    env = init_distributed()
-    mesh = build_mesh(parallel_dims(config), env.device)
-    trainer = SFTTrainer(config, model_dir, env, mesh, 10, samples, samples[:1] + samples)
-    steps = [trainer.step([0, 1]) for _ in range(3)]
-    result = {"steps": steps, "val": trainer.validate()}
-    if env.rank == 0:
-        json.dump(result, open(out, "w"))
-    dist.destroy_process_group()
-    # torch 2.13's gloo can abort at interpreter shutdown (see policy/__main__.py)
-    sys.stdout.flush()
-    os._exit(0)
+    def main():
+        model_dir, image, out, batch = sys.argv[1:5]
+        shards = int(os.environ["WORLD_SIZE"])
+        config = load_config(None, ['train.train_policy.type="sft"',
+                                    'train.param_dtype="float32"',
+                                    f"policy.parallelism.dp_shard_size={shards}",
+                                    "train.optm_lr=1e-2", f"train.train_batch_per_replica={batch}",
+                                    "train.train_policy.mini_batch=1", "validation.batch_size=1"])
+        picture = {"type": "image", "image": image, "max_pixels": 3136}
+        samples = [
+            {"messages": [{"role": "user",
+                           "content": [picture, {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": "red"}]},
+            {"messages": [{"role": "user", "content": "Say hi"},
+                          {"role": "assistant", "content": "hi there"}]},
+        ]
+        env = init_distributed()
+        mesh = build_mesh(parallel_dims(config), env.device)
+        trainer = SFTTrainer(config, model_dir, env, mesh, 10, samples, samples[:1] + samples)
+        # Each step's next one announced: steps 2 and 3 come from the encoder processes.
+        steps = [trainer.step([0, 1], [0, 1] if i < 2 else []) for i in range(3)]
+        result = {"steps": steps, "val": trainer.validate()}
+        trainer.close()
+        if env.rank == 0:
+            json.dump(result, open(out, "w"))
+        dist.destroy_process_group()
+        # torch 2.13's gloo can abort at interpreter shutdown (see policy/__main__.py)
+        sys.stdout.flush()
+        os._exit(0)
+
+    if __name__ == "__main__":  # the spawned encoder processes import this script too
+        main()
     """
 )
 

@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gantry import communicator
-from gantry.communicator import Manifest, ManifestEntry, SyncStalled
+from gantry.communicator import Manifest, ManifestEntry, SyncCancelled, SyncStalled
 from gantry.protocol import Receiver, SyncPlan
 from gantry.redis_server import free_port
 
@@ -219,3 +220,30 @@ def test_a_stalled_sync_names_the_ranks_that_did_not_arrive():
     assert "rollout.weight_sync_timeout" in message
     arrived.join()
     assert len(errors) == 1 and "policy sender 0" not in str(errors[0]).split("did not")[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_called_off_sync_releases_every_waiting_member_long_before_the_timeout():
+    """A member died: the sender learns the sync was called off (from the controller, here a
+    flag) and every member waiting in the check-in gives up with SyncCancelled."""
+    port = free_port()
+    store = communicator.connect_store("127.0.0.1", port, host_it=True, timeout_s=10)
+    plan = make_plan(port, {"0": 1, "dead": 1}, "t/off", timeout_s=300)
+    errors = []
+
+    def survivor():
+        client = communicator.connect_store("127.0.0.1", port, host_it=False, timeout_s=10)
+        try:
+            communicator.check_in(client, plan, 1, "rollout replica 0 tp rank 0", 2)
+        except SyncCancelled as exc:
+            errors.append(exc)
+
+    waiting = threading.Thread(target=survivor)
+    waiting.start()
+    called_off = threading.Event()
+    threading.Timer(1.0, called_off.set).start()
+    started = time.monotonic()
+    with pytest.raises(SyncCancelled, match="called off"):
+        communicator.check_in(store, plan, 1, "policy sender 0", 2, called_off.is_set)
+    waiting.join(timeout=10)
+    assert len(errors) == 1 and time.monotonic() - started < 10

@@ -1,0 +1,191 @@
+"""A run over several nodes: what each node's launcher knows, and how nodes other than 0 join.
+
+Every node runs `launch.sh --config C dataset.py --nnodes N --node-rank R --controller HOST:PORT`
+with the same config. Node 0 (HOST, as the others reach it) starts the run's Redis on HOST:PORT
+with a password, the controller and its share of the replicas, then publishes the run (its
+`RunInfo`: run directory, dataset, model, where the policy's torchrun job meets) in Redis. The
+other nodes wait, a bounded time, for that Redis and that run, then start their share
+(`gantry.nodes`): every rank finds its peers through what node 0 published, never through a
+hard-coded address. When node 0 starts the run again (`fault_tolerance.max_restarts`), it
+publishes a new attempt and every node restarts its processes with it.
+
+The password comes from GANTRY_REDIS_PASSWORD in each node's environment (the SLURM script
+generates one per job); a multi-node run without it is refused. It is never written to the run
+directory nor logged. Network interfaces: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME in the
+environment reach every process.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from gantry.config import write_resolved_config
+from gantry.nodes import Placed, node_plan
+from gantry.placement import LaunchError, count_gpus
+from gantry.processes import EXIT_RESTARTED
+from gantry.runtime import RunInfo
+from gantry.transport import PASSWORD_ENV, ControlPlane, redis_password
+
+RUN_KEY = "gantry:launch:"  # + run id: node 0's RunInfo for the other nodes
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This node's place in the run."""
+
+    nnodes: int
+    node_rank: int
+    head_host: str  # node 0 as the other nodes reach it ("127.0.0.1" on one node)
+    redis_bind: str  # where node 0's Redis listens
+    redis_port: int  # 0: any free port (one node)
+    run_key: str
+    placed: list[Placed]  # the processes this node starts
+
+    @property
+    def is_head(self) -> bool:
+        return self.node_rank == 0
+
+    @classmethod
+    def of(cls, args, config) -> Cluster:
+        """From the launcher's --nnodes / --node-rank / --controller / --run-id flags."""
+        if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+            raise LaunchError(
+                f"--node-rank {args.node_rank} with --nnodes {args.nnodes}: the node rank must "
+                "be between 0 and nnodes - 1"
+            )
+        plan = node_plan(config, args.nnodes, args.policy_nodes, count_gpus())
+        run_key = RUN_KEY + args.run_id
+        if args.nnodes == 1:
+            return cls(1, 0, "127.0.0.1", "127.0.0.1", 0, run_key, plan[0])
+        host, port = _controller_address(args.controller)
+        if not redis_password():
+            raise LaunchError(
+                f"a run over {args.nnodes} nodes needs a Redis password in {PASSWORD_ENV} on "
+                f"every node (the same one), e.g. export {PASSWORD_ENV}=$(python3 -c 'import "
+                "secrets; print(secrets.token_urlsafe(24))') before starting node 0 and share "
+                "it; slurm.sh does this for you"
+            )
+        bind = _local_address(host) if args.node_rank == 0 else host
+        return cls(args.nnodes, args.node_rank, host, bind, port, run_key, plan[args.node_rank])
+
+
+def _controller_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LaunchError(
+            f"--controller {value!r}: a run over several nodes needs node 0's address as the "
+            "others reach it and a free port for its Redis, as HOST:PORT (e.g. node-a:6380)"
+        )
+    return host, int(port)
+
+
+def _local_address(host: str) -> str:
+    """The IP address `host` resolves to, checked to be one of this machine's (node 0 binds
+    its Redis there)."""
+    try:
+        address = socket.gethostbyname(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        raise LaunchError(
+            f"--controller {host}: node 0 must be that host, but {host} does not resolve to an "
+            f"address of this machine ({exc}); start node rank 0 there, or pass its own name"
+        ) from None
+    return address
+
+
+def publish_run(info: RunInfo, key: str) -> None:
+    plane = ControlPlane(info.redis_url)
+    try:
+        plane.redis.set(key, info.model_dump_json())
+    finally:
+        plane.close()
+
+
+def join_run(config, cluster: Cluster, timeout_s: float) -> int:
+    """Node rank > 0: wait for node 0's Redis and run, then run this node's processes, again
+    whenever node 0 starts a new attempt."""
+    from gantry.launcher import EXIT_BAD_INPUT, run_processes, say
+
+    url = config.redis.url or f"redis://{cluster.head_host}:{cluster.redis_port}/0"
+    try:
+        plane = _reach(url, timeout_s)
+        info = _published_run(plane, cluster.run_key, timeout_s, after=-1)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    while True:
+        run_dir = Path(info.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)  # without a shared file system
+        write_resolved_config(config, run_dir / "config.json")
+        info.write()
+        print(f"node {cluster.node_rank}: run directory {run_dir} (attempt {info.attempt})")
+        watch = _AttemptWatch(plane, cluster.run_key, info.attempt)
+        code = run_processes(config, info, cluster.placed, stop_when=watch.changed)
+        if code != EXIT_RESTARTED:
+            return code
+        say(f"node 0 started the run again: restarting node {cluster.node_rank}'s processes")
+        info = _published_run(plane, cluster.run_key, timeout_s, after=info.attempt)
+
+
+def _reach(url: str, timeout_s: float) -> ControlPlane:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        plane = ControlPlane(url)
+        try:
+            plane.redis.ping()
+            return plane
+        except redis.AuthenticationError as exc:
+            raise LaunchError(
+                f"the run's Redis at {url} refused {PASSWORD_ENV}: give every node the same "
+                f"password ({exc})"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            plane.close()
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"cannot reach the run's Redis at {url} after {timeout_s:.0f}s ({exc}): is "
+                    "node 0 up, and is --controller its address as this node reaches it?"
+                ) from None
+            time.sleep(1.0)
+
+
+def _published_run(plane: ControlPlane, key: str, timeout_s: float, after: int) -> RunInfo:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        raw = plane.redis.get(key)
+        if raw is not None:
+            info = RunInfo.model_validate_json(raw)
+            if info.attempt > after:
+                return info
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"node 0 published no run under {key} in {plane.url} within {timeout_s:.0f}s: "
+                "do all nodes pass the same --run-id?"
+            )
+        time.sleep(0.5)
+
+
+class _AttemptWatch:
+    """Whether node 0 published a newer attempt; looks at most once a second."""
+
+    def __init__(self, plane: ControlPlane, key: str, attempt: int) -> None:
+        self.plane, self.key, self.attempt = plane, key, attempt
+        self.next_look = 0.0
+
+    def changed(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_look:
+            return False
+        self.next_look = now + 1.0
+        try:
+            raw = self.plane.redis.get(self.key)
+        except (redis.ConnectionError, redis.TimeoutError):  # node 0 finished and left
+            return False
+        return raw is not None and RunInfo.model_validate_json(raw).attempt != self.attempt

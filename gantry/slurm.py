@@ -1,0 +1,410 @@
+"""SLURM submission: the `[slurm]` config section, the sbatch script, and `./slurm.sh`.
+
+    ./slurm.sh --config configs/rl.toml datasets/arithmetic.py slurm.nodes=4 --dry-run
+    ./slurm.sh --config configs/rl.toml datasets/arithmetic.py slurm.nodes=4   # sbatch it
+
+This module owns `SlurmConfig` (the `[slurm]` section, validated like every other section),
+the allocation rules that need the whole config (`allocation_problems`), `render_sbatch` (the
+batch script) and the CLI that writes the script to `<log_dir>/<job_name>.sbatch` and submits it.
+The script starts one `launch.sh` per node in a single srun step; the launcher assigns roles
+from `--nnodes/--node-rank` (node rank 0, the first host, runs the controller). Imports no torch
+and nothing of `gantry.config` at import time: `gantry.config_schema` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# The same settings as gantry.config_schema (which imports this module, so they are not shared).
+_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+EXIT_BAD_INPUT = 2
+
+# sbatch's time formats; "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS".
+_TIME_FORMATS = {
+    r"(?P<m>\d+)": "MM",
+    r"(?P<m>\d+):(?P<s>\d\d)": "MM:SS",
+    r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)": "HH:MM:SS",
+    r"(?P<d>\d+)-(?P<h>\d\d?)": "D-HH",
+    r"(?P<d>\d+)-(?P<h>\d\d?):(?P<m>\d\d)": "D-HH:MM",
+    r"(?P<d>\d+)-(?P<h>\d\d?):(?P<m>\d\d):(?P<s>\d\d)": "D-HH:MM:SS",
+}
+# Options render_sbatch writes from their own keys: repeating one in sbatch_args would override it.
+_OWN_OPTIONS = {
+    "--job-name": "job_name", "-J": "job_name", "--nodes": "nodes", "-N": "nodes",
+    "--partition": "partition", "-p": "partition", "--account": "account", "-A": "account",
+    "--time": "time", "-t": "time", "--gpus-per-node": "gpus_per_node",
+    "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task", "--output": "log_dir",
+    "-o": "log_dir", "--error": "log_dir", "-e": "log_dir",
+    "--ntasks-per-node": "(one launcher per node, always 1)",
+}  # fmt: skip
+# A value sbatch reads from an #SBATCH line as is; others are written in double quotes.
+_PLAIN_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9_./%:=,@+-]+")
+
+
+class SlurmError(RuntimeError):
+    """SLURM submission cannot proceed (no sbatch, no repository); str() is ready to print."""
+
+
+def _one_line(value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"must be a single line, got {value!r}")
+    return value
+
+
+class SlurmConfig(BaseModel):
+    """[slurm]: the allocation `./slurm.sh` requests and how each node starts (Gantry's own)."""
+
+    model_config = _MODEL_CONFIG
+
+    nodes: int = Field(default=1, ge=1, description="Nodes of the allocation (sbatch --nodes).")
+    policy_nodes: int = Field(
+        default=0,
+        ge=0,
+        description="Nodes given to the policy replicas, the rest to rollout replicas; 0: the "
+        "launcher decides from [policy.parallelism] and [rollout.parallelism]. A multi-node "
+        "GRPO run keeps at least one node for rollout.",
+    )
+    partition: str = Field(default="", description="SLURM partition(s); empty: the default.")
+    account: str = Field(default="", description="SLURM account charged; empty: the default.")
+    time: str = Field(
+        default="04:00:00",
+        description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.",
+    )
+    gpus_per_node: int = Field(
+        default=8, ge=0, description="GPUs requested on each node; 0: no --gpus-per-node."
+    )
+    cpus_per_task: int = Field(
+        default=0,
+        ge=0,
+        description="CPUs for each node's launcher (one task per node); 0: SLURM's default.",
+    )
+    job_name: str = Field(default="gantry", description="SLURM job name (also names the logs).")
+    controller_port: int = Field(
+        default=6380,
+        ge=1024,
+        le=65535,
+        description="Port of the controller on the first node, which the other nodes dial.",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run on every node before the launcher, e.g. 'module load "
+        "cuda/12.4' or 'source /shared/env.sh'; inside the container when srun_args has one.",
+    )
+    sbatch_args: list[str] = Field(
+        default_factory=list,
+        description="Extra #SBATCH options, one per item, e.g. '--qos=high' or '--exclusive'.",
+    )
+    srun_args: list[str] = Field(
+        default_factory=list,
+        description="Extra srun arguments, one argument per item, e.g. container flags "
+        "'--container-image=/shared/gantry.sqsh'.",
+    )
+    log_dir: str = Field(
+        default="",
+        description="Directory of the sbatch script and the job's logs; empty: "
+        "train.output_dir/slurm-logs. Relative paths are taken from the repository root.",
+    )
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        for pattern, name in _TIME_FORMATS.items():
+            match = re.fullmatch(pattern, value)
+            if match is None:
+                continue
+            parts = {k: int(v) for k, v in match.groupdict().items()}
+            first = next(iter(parts))  # the leading field may exceed its usual range
+            limits = {"h": 24, "m": 60, "s": 60}
+            wrong = [k for k, v in parts.items() if k != first and k in limits and v >= limits[k]]
+            if wrong:
+                raise ValueError(f"{value!r} ({name}): hours must be < 24, minutes/seconds < 60")
+            if not any(parts.values()):
+                raise ValueError(f"{value!r}: a zero time limit means no limit to SLURM; give one")
+            return value
+        raise ValueError(
+            f"expected a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS), "
+            f"got {value!r}"
+        )
+
+    @field_validator("job_name", "partition", "account")
+    @classmethod
+    def _slurm_name(cls, value: str, info: ValidationInfo) -> str:
+        allowed = r"[A-Za-z0-9_.,-]*" if info.field_name == "partition" else r"[A-Za-z0-9_.-]*"
+        if not re.fullmatch(allowed, value) or (info.field_name == "job_name" and not value):
+            raise ValueError(
+                f"got {value!r}: use letters, digits, '_', '.', '-'"
+                + (" (',' between partitions)" if info.field_name == "partition" else "")
+            )
+        return value
+
+    @field_validator("log_dir")
+    @classmethod
+    def _log_dir(cls, value: str) -> str:
+        if "%" in value:
+            raise ValueError(f"got {value!r}: '%' starts a SLURM file name pattern")
+        return _one_line(value)
+
+    @field_validator("setup", "srun_args")
+    @classmethod
+    def _lines(cls, value: list[str]) -> list[str]:
+        return [_one_line(item) for item in value]
+
+    @field_validator("sbatch_args")
+    @classmethod
+    def _sbatch_options(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _one_line(item)
+            option = item.split("=", 1)[0].split()[0] if item.strip() else ""
+            if not option.startswith("--"):
+                option = option[:2]  # -N4 is -N
+            if not option.startswith("-"):
+                raise ValueError(f"{item!r}: give the option only, e.g. '--qos=high'")
+            if option in _OWN_OPTIONS:
+                raise ValueError(f"{item!r}: set it with slurm.{_OWN_OPTIONS[option]} instead")
+        return value
+
+
+# ------------------------------------------------------------------------------ the allocation
+
+
+def allocation_problems(config) -> list[str]:
+    """Rules between [slurm] and the run type (a GantryConfig); one message per problem."""
+    slurm = config.slurm
+    problems = []
+    if slurm.policy_nodes > slurm.nodes:
+        problems.append(
+            f"slurm.policy_nodes = {slurm.policy_nodes} exceeds slurm.nodes = {slurm.nodes}"
+        )
+    elif config.train.train_policy.type == "grpo":
+        if 1 < slurm.nodes <= slurm.policy_nodes:
+            problems.append(
+                f"slurm.policy_nodes = {slurm.policy_nodes} leaves none of the {slurm.nodes} "
+                f"nodes to rollout replicas (GRPO): use at most {slurm.nodes - 1}, or 0 to let "
+                "the launcher split them"
+            )
+    elif 0 < slurm.policy_nodes < slurm.nodes:
+        problems.append(
+            f"slurm.policy_nodes = {slurm.policy_nodes} would leave "
+            f"{slurm.nodes - slurm.policy_nodes} of the {slurm.nodes} nodes idle: SFT runs "
+            "policy replicas only; set it to 0 or to slurm.nodes"
+        )
+    return problems
+
+
+def repo_root() -> Path:
+    """The checkout holding launch.sh: the one this module lives in, else the current directory."""
+    for candidate in (Path(__file__).resolve().parents[1], Path.cwd().resolve()):
+        if (candidate / "launch.sh").is_file():
+            return candidate
+    raise SlurmError(
+        "cannot find launch.sh next to the gantry package nor in the current directory: "
+        "run ./slurm.sh from a Gantry checkout"
+    )
+
+
+def _in_root(path: str, root: Path) -> Path:
+    """A config path as the job sees it: the job runs in the repository root."""
+    return (root / Path(path).expanduser()).resolve()
+
+
+def log_directory(config, root: Path) -> Path:
+    slurm_dir = config.slurm.log_dir or str(Path(config.train.output_dir) / "slurm-logs")
+    return _in_root(slurm_dir, root)
+
+
+# ---------------------------------------------------------------------------------- the script
+
+
+def _directive(option: str, value: object) -> str:
+    """One #SBATCH line; sbatch splits it on blanks, honours double quotes and backslashes."""
+    text = str(value)
+    if not _PLAIN_DIRECTIVE_VALUE.fullmatch(text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"#SBATCH {option}={text}"
+
+
+def render_sbatch(
+    config,
+    config_path: str | Path | None,
+    dataset_script: str | Path,
+    overrides: Sequence[str] = (),
+    root: str | Path | None = None,
+) -> str:
+    """The sbatch script for a validated GantryConfig; `root` is where launch.sh is run from."""
+    if problems := allocation_problems(config):
+        raise ValueError("\n".join(problems))
+    root = Path(root).resolve() if root is not None else repo_root()
+    slurm = config.slurm
+    logs = log_directory(config, root)
+    run_dir = _in_root(config.train.output_dir, root) / "slurm-<job id>"
+    head = [
+        _directive("--job-name", slurm.job_name),
+        _directive("--nodes", slurm.nodes),
+        _directive("--ntasks-per-node", 1),
+    ]
+    if slurm.gpus_per_node:
+        head.append(_directive("--gpus-per-node", slurm.gpus_per_node))
+    if slurm.cpus_per_task:
+        head.append(_directive("--cpus-per-task", slurm.cpus_per_task))
+    if slurm.partition:
+        head.append(_directive("--partition", slurm.partition))
+    if slurm.account:
+        head.append(_directive("--account", slurm.account))
+    head += [
+        _directive("--time", slurm.time),
+        _directive("--output", logs / "%x-%j.out"),
+        _directive("--error", logs / "%x-%j.err"),
+        *(f"#SBATCH {arg}" for arg in slurm.sbatch_args),
+    ]
+
+    # The user's command line, quoted once: it reaches each node's bash as "$@".
+    user_args = ["--config", str(Path(config_path).resolve())] if config_path else []
+    user_args += [str(Path(dataset_script).resolve()), *overrides]
+    node_args = (
+        f'--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
+        f'--controller "$HEAD:{slurm.controller_port}" --run-id "$GANTRY_RUN_ID"'
+    )
+    if slurm.policy_nodes:
+        node_args += f" --policy-nodes {slurm.policy_nodes}"
+    task = [
+        # -u is left off: module and conda scripts in the setup lines often read unset variables.
+        "set -eo pipefail",
+        'launch_args=("$@"); set --  # kept aside: `source x.sh` would hand them to x.sh',
+        f"cd {shlex.quote(str(root))}",
+        *slurm.setup,
+        f'exec ./launch.sh {node_args} "${{launch_args[@]}}"',
+    ]
+    srun = [
+        'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1',
+        f"--output={shlex.quote(str(logs / '%x-%j-node%n.out'))}",
+    ]
+    if slurm.gpus_per_node:
+        srun.append(f"--gpus-per-node={slurm.gpus_per_node}")
+    if slurm.cpus_per_task:  # srun does not inherit the job's --cpus-per-task on every version
+        srun.append(f"--cpus-per-task={slurm.cpus_per_task}")
+    srun += [
+        *map(shlex.quote, slurm.srun_args),
+        "bash -c " + shlex.quote("\n" + "\n".join(task) + "\n") + " gantry-node",
+        " ".join(map(shlex.quote, user_args)),
+    ]
+
+    body = f"""
+# Rendered by ./slurm.sh (gantry/slurm.py). Submit with: sbatch <this file>
+# One srun task per node runs the setup lines, then launch.sh with the node's rank and the
+# command line given to slurm.sh (the arguments after gantry-node). Node rank 0, the first
+# host, also runs the controller (port {slurm.controller_port}), which the other nodes dial.
+# Logs (%x: job name, %j: job id): this script's in {logs}/%x-%j.out
+# and .err; each node's launcher in {logs}/%x-%j-node<N>.out; each role's
+# (controller, policy<i>, rollout<i>) in {run_dir}/logs/<role>.log.
+set -euo pipefail
+cd {shlex.quote(str(root))}
+
+# The run's Redis password: made here, handed to every node through the environment only,
+# never written to a file nor echoed.
+GANTRY_REDIS_PASSWORD="$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+export GANTRY_REDIS_PASSWORD
+export GANTRY_RUN_ID="slurm-$SLURM_JOB_ID"
+# sed, not head: it reads all of scontrol's output, so no SIGPIPE trips pipefail.
+HEAD="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
+if [ -z "$HEAD" ]; then
+  echo "error: no host in SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'" >&2
+  exit 1
+fi
+export HEAD
+echo "gantry: job $SLURM_JOB_ID on $SLURM_NNODES node(s), controller $HEAD:{slurm.controller_port}"
+
+"""
+    return "#!/bin/bash\n" + "\n".join(head) + "\n" + body + " \\\n  ".join(srun) + "\n"
+
+
+# ------------------------------------------------------------------------------------- the CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="slurm.sh",
+        description="Render the sbatch script of a Gantry run from its config ([slurm] section) "
+        "and submit it.",
+        epilog="Example: ./slurm.sh --config configs/quickstart-grpo.toml "
+        "datasets/arithmetic.py slurm.nodes=2 slurm.partition=gpu --dry-run",
+    )
+    parser.add_argument("--config", help="TOML config (cosmos-rl section and key names)")
+    parser.add_argument("dataset", help="dataset script: get_dataset(config) and reward_fns")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slurm.nodes=4")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script and submit nothing"
+    )
+    parser.add_argument("--out", help="where to write the script (default: <log_dir>/<job>.sbatch)")
+    return parser.parse_intermixed_args(argv)
+
+
+def submit(script_path: Path) -> str:
+    """Run `sbatch script_path`; returns the job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SlurmError(
+            "sbatch not found: run on a SLURM login node, or use --dry-run to print the script"
+        )
+    result = subprocess.run([sbatch, str(script_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SlurmError(f"sbatch {script_path} failed ({result.returncode}): {result.stderr}")
+    match = re.search(r"Submitted batch job (\d+)", result.stdout)
+    if match is None:
+        raise SlurmError(f"cannot read the job id in sbatch's output: {result.stdout!r}")
+    return match.group(1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gantry.config import ConfigError, load_config  # here: gantry.config imports this module
+
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        problems = allocation_problems(config)
+        if not Path(args.dataset).is_file():
+            problems.append(f"dataset script not found: {args.dataset}")
+        if problems:
+            raise ConfigError(problems)
+        root = repo_root()
+    except (ConfigError, SlurmError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    script = render_sbatch(config, args.config, args.dataset, args.overrides, root)
+    logs = log_directory(config, root)
+    out = Path(args.out) if args.out else logs / f"{config.slurm.job_name}.sbatch"
+    if args.dry_run:
+        print(script, end="")
+        if args.out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(script)
+        return 0
+    logs.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output directory
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(script)
+    try:
+        job = submit(out)
+    except SlurmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    name = config.slurm.job_name
+    run_dir = _in_root(config.train.output_dir, root) / f"slurm-{job}"
+    print(
+        f"submitted job {job} ({out})\n"
+        f"job logs: {logs}/{name}-{job}.out, .err; per node: {logs}/{name}-{job}-node<N>.out\n"
+        f"role logs: {run_dir}/logs/<role>.log"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Runs over several nodes: the node plan (who runs what, on which GPUs), the launcher's checks
+of the node flags, and a 2-node GRPO run on this machine (two launchers; node 0 on 127.0.0.2,
+so nothing reaches it through a hard-coded 127.0.0.1), whose Redis wants the password."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from gantry.config import load_config
+from gantry.launcher import main
+from gantry.nodes import NodePlanError, Placed, node_plan
+from gantry.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ["--config", "configs/quickstart-grpo.toml", "datasets/arithmetic.py"]
+
+
+def config(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+def names(plan: list[list[Placed]]) -> list[list[str]]:
+    return [[p.name for p in node] for node in plan]
+
+
+def test_one_node_runs_everything_and_splits_its_gpus():
+    cfg = config(
+        "policy.parallelism.dp_shard_size=2", "rollout.parallelism.n_init_replicas=2",
+        "rollout.parallelism.tp_size=2",
+    )  # fmt: skip
+    (node,) = node_plan(cfg, 1, gpus_per_node=8)
+    assert [(p.name, p.gpus) for p in node] == [
+        ("controller", ()), ("policy0", (0, 1)), ("rollout0", (2, 3)), ("rollout1", (4, 5)),
+    ]  # fmt: skip
+    assert node[1].env == {"CUDA_VISIBLE_DEVICES": "0,1"} and node[0].env == {}
+    (cpu,) = node_plan(cfg, 1)
+    assert all(p.gpus == () for p in cpu)
+
+
+def test_grpo_nodes_split_between_policy_and_rollout():
+    cfg = config(
+        "policy.parallelism.n_init_replicas=2", "policy.parallelism.dp_shard_size=8",
+        "rollout.parallelism.n_init_replicas=8", "rollout.parallelism.tp_size=2",
+    )  # fmt: skip
+    plan = node_plan(cfg, 4, gpus_per_node=8)  # 16 policy GPUs: 2 nodes, then 2 rollout nodes
+    assert names(plan) == [
+        ["controller", "policy0"], ["policy1"],
+        [f"rollout{i}" for i in range(4)], [f"rollout{i}" for i in range(4, 8)],
+    ]  # fmt: skip
+    assert plan[3][3].gpus == (6, 7)
+    with pytest.raises(NodePlanError, match="cannot be spread evenly over 3 rollout node"):
+        node_plan(cfg, 4, policy_nodes=1, gpus_per_node=32)
+    with pytest.raises(NodePlanError, match="needing 16 GPUs, but has 8"):
+        node_plan(cfg, 3, policy_nodes=1, gpus_per_node=8)
+    with pytest.raises(NodePlanError, match="leave no node for the rollout replicas"):
+        node_plan(cfg, 2, policy_nodes=2)
+
+
+def test_sft_trains_on_every_node():
+    cfg = config('train.train_policy.type="sft"', "policy.parallelism.n_init_replicas=2")
+    assert names(node_plan(cfg, 2)) == [["controller", "policy0"], ["policy1"]]
+
+
+def test_node_flags_are_checked_before_anything_starts(tmp_path, capsys, monkeypatch):
+    base = [*QUICKSTART, f"train.output_dir={tmp_path}", "--nnodes", "2"]
+    monkeypatch.delenv("GANTRY_REDIS_PASSWORD", raising=False)
+    assert main([*base, "--node-rank", "2"]) == 2
+    assert "--node-rank 2 with --nnodes 2" in capsys.readouterr().err
+    assert main([*base, "--controller", "nowhere"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main([*base, "--controller", "127.0.0.1:6390"]) == 2
+    assert "needs a Redis password in GANTRY_REDIS_PASSWORD" in capsys.readouterr().err
+    monkeypatch.setenv("GANTRY_REDIS_PASSWORD", "pw")
+    assert main([*base, "--controller", "198.51.100.7:6390"]) == 2  # not this machine's
+    assert "does not resolve to an address of this machine" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_node_that_cannot_reach_node_0_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GANTRY_REDIS_PASSWORD", "pw")
+    port = free_port()
+    code = main([
+        *QUICKSTART, f"train.output_dir={tmp_path}", "--nnodes", "2", "--node-rank", "1",
+        "--controller", f"127.0.0.1:{port}", "--connect-timeout", "2",
+    ])  # fmt: skip
+    assert code == 2
+    assert f"cannot reach the run's Redis at redis://127.0.0.1:{port}/0 after 2s" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.timeout(400)
+def test_a_two_node_run_finishes(tmp_path):
+    port, password = free_port("127.0.0.2"), "two-node-secret"
+    env = dict(os.environ, GANTRY_REDIS_PASSWORD=password)
+    common = [
+        sys.executable, "-m", "gantry.launcher", *QUICKSTART, f"train.output_dir={tmp_path}",
+        "rollout.backend=transformers", "train.max_num_steps=6", "logging.log_interval=1",
+        "--nnodes", "2", "--controller", f"127.0.0.2:{port}", "--run-id", "two-nodes",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [*common, "--node-rank", str(rank)],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for rank in (1, 0)  # the joining node first: it waits for node 0
+    ]
+    try:
+        outputs = [node.communicate(timeout=380)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    joiner, head = outputs
+    assert nodes[1].returncode == 0, head[-6000:]
+    assert nodes[0].returncode == 0, joiner[-6000:]
+    run_dir = tmp_path / "two-nodes"
+    outcome = json.loads((run_dir / "result.json").read_text())
+    assert outcome["steps"] == 6 and "0" in outcome["rollout_replicas"]
+    assert "[rollout0" in joiner and "[rollout0" not in head  # the rollout ran on node 1
+    assert "[policy0" in head and "[controller" in head
+    assert password not in head + joiner
+    for log in (run_dir / "logs").iterdir():
+        assert password not in log.read_text()
+    assert password not in (run_dir / "run.json").read_text()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["redis_url"].startswith("redis://127.0.0.2:")
+
+
+@pytest.mark.redis
+def test_a_reachable_redis_wants_the_password(tmp_path):
+    from gantry.redis_server import RedisServer, RedisServerError
+
+    with pytest.raises(RedisServerError, match="needs a password"):
+        RedisServer(tmp_path, bind="127.0.0.2")
+    server = RedisServer(tmp_path, bind="127.0.0.2", password="pw")
+    url = server.start()
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url, protocol=2).set("k", "v")
+        assert redis.Redis.from_url(url, password="pw").ping()
+        assert "pw" not in " ".join(Path(f"/proc/{server.process.pid}/cmdline").read_text())
+    finally:
+        server.stop()
