@@ -12,6 +12,7 @@ confirmed holding and catch up with the next sync.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from gantry.protocol import Receiver, SyncPlan
@@ -28,6 +29,12 @@ class RolloutReplica:
     groups: int = 0  # results it returned
     syncs: int = 0
     min_result_version: int | None = None
+    registered_at: float = field(default_factory=time.monotonic)
+    weights_after_s: float | None = None  # registration -> first sync it confirmed
+    first_result_after_s: float | None = None  # registration -> first result
+
+    def _since_registered(self) -> float:
+        return round(time.monotonic() - self.registered_at, 3)
 
     def stats(self) -> dict:
         return {
@@ -36,6 +43,8 @@ class RolloutReplica:
             "groups": self.groups,
             "syncs": self.syncs,
             "min_result_version": self.min_result_version,
+            "weights_after_s": self.weights_after_s,
+            "first_result_after_s": self.first_result_after_s,
         }
 
 
@@ -68,8 +77,11 @@ class RolloutFleet:
         return replica
 
     def confirmed(self, name: str, version: int) -> None:
-        if name in self.replicas:
-            self.replicas[name].held = version
+        replica = self.replicas.get(name)
+        if replica is not None:
+            replica.held = version
+            if replica.weights_after_s is None:
+                replica.weights_after_s = replica._since_registered()
 
     def sync_called_off(self, names: list[str]) -> None:
         """A sync ordered to these replicas was given up: they keep the weights they hold, and
@@ -142,6 +154,8 @@ class RolloutFleet:
             return  # a duplicate delivery: the buffer accounts for it
         least = replica.in_flight.pop(prompt_id)
         replica.groups += 1
+        if replica.first_result_after_s is None:
+            replica.first_result_after_s = replica._since_registered()
         if replica.min_result_version is None or version < replica.min_result_version:
             replica.min_result_version = version
         if version < least:
