@@ -33,6 +33,7 @@ from gantry.runtime import RunInfo
 from gantry.transport import PASSWORD_ENV, ControlPlane, redis_password
 
 RUN_KEY = "gantry:launch:"  # + run id: node 0's RunInfo for the other nodes
+FOLLOW_RESTART_S = 120.0  # after its processes failed, how long a node waits for a new attempt
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def publish_run(info: RunInfo, key: str) -> None:
 def join_run(config, cluster: Cluster, timeout_s: float) -> int:
     """Node rank > 0: wait for node 0's Redis and run, then run this node's processes, again
     whenever node 0 starts a new attempt."""
-    from gantry.launcher import EXIT_BAD_INPUT, run_processes, say
+    from gantry.launcher import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
 
     url = config.redis.url or f"redis://{cluster.head_host}:{cluster.redis_port}/0"
     try:
@@ -128,10 +129,14 @@ def join_run(config, cluster: Cluster, timeout_s: float) -> int:
         print(f"node {cluster.node_rank}: run directory {run_dir} (attempt {info.attempt})")
         watch = _AttemptWatch(plane, cluster.run_key, info.attempt)
         code = run_processes(config, info, cluster.placed, stop_when=watch.changed)
-        if code != EXIT_RESTARTED:
+        if code in (0, EXIT_INTERRUPTED):
+            return code
+        try:  # processes here fail too when node 0 restarts the run: follow it if it does
+            wait = timeout_s if code == EXIT_RESTARTED else FOLLOW_RESTART_S
+            info = _published_run(plane, cluster.run_key, wait, after=info.attempt)
+        except (LaunchError, redis.ConnectionError):
             return code
         say(f"node 0 started the run again: restarting node {cluster.node_rank}'s processes")
-        info = _published_run(plane, cluster.run_key, timeout_s, after=info.attempt)
 
 
 def _reach(url: str, timeout_s: float) -> ControlPlane:

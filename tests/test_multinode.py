@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,26 +99,35 @@ def test_a_node_that_cannot_reach_node_0_says_where_it_looked(tmp_path, capsys, 
     )
 
 
-@pytest.mark.timeout(400)
-def test_a_two_node_run_finishes(tmp_path):
-    port, password = free_port("127.0.0.2"), "two-node-secret"
+def start_two_nodes(tmp_path, password: str, *overrides: str) -> list[subprocess.Popen]:
+    """Node 1 then node 0 of a GRPO run, each a launcher process; node 0 on 127.0.0.2."""
+    port = free_port("127.0.0.2")
     env = dict(os.environ, GANTRY_REDIS_PASSWORD=password)
     common = [
         sys.executable, "-m", "gantry.launcher", *QUICKSTART, f"train.output_dir={tmp_path}",
-        "rollout.backend=transformers", "train.max_num_steps=6", "logging.log_interval=1",
+        "rollout.backend=transformers", "logging.log_interval=1", *overrides,
         "--nnodes", "2", "--controller", f"127.0.0.2:{port}", "--run-id", "two-nodes",
     ]  # fmt: skip
-    nodes = [
-        subprocess.Popen(
-            [*common, "--node-rank", str(rank)],
-            cwd=ROOT,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        for rank in (1, 0)  # the joining node first: it waits for node 0
-    ]
+    nodes = []
+    for rank in (1, 0):  # the joining node first: it waits for node 0
+        command = [*common, "--node-rank", str(rank)]
+        nodes.append(
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        )
+    return nodes
+
+
+@pytest.mark.timeout(400)
+def test_a_two_node_run_finishes(tmp_path):
+    password = "two-node-secret"
+    nodes = start_two_nodes(tmp_path, password, "train.max_num_steps=6")
     try:
         outputs = [node.communicate(timeout=380)[0] for node in nodes]
     finally:
@@ -152,3 +164,30 @@ def test_a_reachable_redis_wants_the_password(tmp_path):
         assert "pw" not in " ".join(Path(f"/proc/{server.process.pid}/cmdline").read_text())
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(500)
+def test_both_nodes_restart_when_the_policy_on_node_0_dies(tmp_path):
+    nodes = start_two_nodes(
+        tmp_path, "pw", "train.max_num_steps=8", "train.ckpt.enable_checkpoint=true",
+        "train.ckpt.save_freq=3", "train.ckpt.export_safetensors=false",
+    )  # fmt: skip
+    log = tmp_path / "two-nodes" / "logs" / "controller.log"
+    try:
+        deadline = time.monotonic() + 300
+        while "checkpoint step 3 complete" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline and nodes[1].poll() is None
+            time.sleep(0.2)
+        pid = int(re.search(r"policy replica 0 registered \(pid (\d+)\)", log.read_text())[1])
+        os.kill(pid, signal.SIGKILL)
+        outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    joiner, head = outputs
+    assert nodes[1].returncode == 0, head[-6000:]
+    assert nodes[0].returncode == 0, joiner[-6000:]
+    assert "restart 1/2: resuming from" in head
+    assert "node 0 started the run again: restarting node 1's processes" in joiner
+    outcome = json.loads((tmp_path / "two-nodes" / "result.json").read_text())
+    assert outcome["steps"] == 8 and outcome["resumed_from"]
