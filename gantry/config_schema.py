@@ -213,6 +213,13 @@ class RolloutConfig(BaseModel):
         description="Dtype the rollout engine computes in, and in which weights are sent to it. "
         "'auto': float32 on CPU; on GPU the model's dtype, bfloat16 for a float32 model.",
     )
+    weight_sync_in_background: bool = Field(
+        default=True,
+        description="The policy copies its weight shards (in the transfer dtype: one more copy "
+        "of its shards in memory) when a sync is ordered and sends them from a thread while "
+        "it trains the next step, instead of waiting for every rollout replica to finish its "
+        "generate call; false: it waits (no extra memory).",
+    )
     weight_sync_timeout: StrictFloat = Field(
         default=600.0,
         gt=0,

@@ -4,11 +4,13 @@ The senders are the ranks of the first data-parallel replica (replicate coordina
 per FSDP shard: each sends the rows of every parameter it holds, cast to the rollout dtype,
 straight from its shard (`DTensor.to_local`), so no rank gathers a parameter. The other
 replicas hold copies of the same shards and sit syncs out. Policy rank 0 hosts the store the
-sync groups meet through.
+sync groups meet through. With `rollout.weight_sync_in_background` a sender copies its rows when
+the sync is ordered and sends the copy from a thread while the policy trains the next step.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -74,6 +76,8 @@ class PolicySender:
         self.manifest = build_manifest(params, senders, dtype, bucket_bytes, direct_min_bytes)
         self.is_store_host = is_store_host
         self.sender: communicator.Sender | None = None
+        self.snapshot: dict[str, torch.Tensor] = {}
+        self.sending: threading.Thread | None = None
 
     def send(
         self, plan: SyncPlan, version: int, called_off: Callable[[], bool] | None = None
@@ -89,7 +93,47 @@ class PolicySender:
             self.sender = communicator.Sender(self.manifest, self.index, store)
         return self.sender.send(plan, version, self._local_rows, called_off)
 
+    def send_in_background(
+        self,
+        plan: SyncPlan,
+        version: int,
+        called_off: Callable[[], bool],
+        done: Callable[[communicator.SendStats | None, Exception | None], None],
+    ) -> None:
+        """Copy this rank's rows now (in the transfer dtype, into buffers kept between syncs)
+        and send the copy from a thread, so that training goes on while the receivers finish
+        their generate calls. One sync at a time: this waits for the previous one first.
+        `done(stats, error)` is called from the thread (error: SyncCancelled, or what failed)."""
+        self.wait()
+        if not self.is_sender:
+            return
+        for entry in self.manifest.entries:
+            rows = self._local_rows(entry)
+            held = self.snapshot.get(entry.name)
+            if held is None:
+                held = self.snapshot[entry.name] = torch.empty_like(rows, dtype=entry.torch_dtype)
+            held.copy_(rows)
+
+        def run() -> None:
+            try:
+                stats = self.send(plan, version, called_off)
+            except Exception as exc:  # handed to the training thread, which re-raises it
+                done(None, exc)
+                return
+            done(stats, None)
+
+        self.sending = threading.Thread(target=run, name=f"weight-sync-v{version}", daemon=True)
+        self.sending.start()
+
+    def wait(self) -> None:
+        """Until the sync in flight (if any) is over."""
+        if self.sending is not None:
+            self.sending.join()
+            self.sending = None
+
     def _local_rows(self, entry: ManifestEntry) -> torch.Tensor:
+        if self.sending is not None:  # sending from the background: the copy
+            return self.snapshot[entry.name]
         param = self.params[entry.name]
         local = param.to_local() if isinstance(param, DTensor) else param
         local = local.detach()

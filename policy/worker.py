@@ -74,6 +74,7 @@ class PolicyWorker:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2 // local_world))
         total_steps = planned_steps(config, info.dataset_size)
         self.weights: PolicySender | None = None
+        self.sync_error: Exception | None = None
         if config.train.train_policy.type == "sft":
             self.trainer = self._sft_trainer(mesh, total_steps)
         else:
@@ -161,9 +162,11 @@ class PolicyWorker:
             for command in self.plane.read_next(self.keys.policy_commands, block_ms=1000):
                 if isinstance(command, Stop):
                     log.info("stopping: %s", command.reason)
+                    self._check_sync(wait=True)
                     self._finish_checkpoints()
                     return
                 self._handle(command)
+                self._check_sync()
                 # A collective: after each command, never in the idle wait, whose number of
                 # turns differs between ranks.
                 self._report_checkpoints()
@@ -193,21 +196,46 @@ class PolicyWorker:
     # ---- weights, checkpoints, exports -------------------------------------------------
 
     def _send_weights(self, command: SyncWeights) -> None:
-        called_off = self.keys.sync_called_off(command.plan.group, command.version)
-        try:
-            stats = self.weights.send(
-                command.plan, command.version, lambda: bool(self.plane.redis.exists(called_off))
+        called_off_key = self.keys.sync_called_off(command.plan.group, command.version)
+
+        def called_off() -> bool:
+            return bool(self.plane.redis.exists(called_off_key))
+
+        if self.config.rollout.weight_sync_in_background:
+            self.weights.send_in_background(
+                command.plan,
+                command.version,
+                called_off,
+                lambda stats, error: self._sent(command, stats, error),
             )
-        except SyncCancelled as exc:  # a rollout replica died: the controller re-plans
-            log.warning("%s", exc)
             return
-        if stats is not None and self.is_main:
+        try:
+            stats = self.weights.send(command.plan, command.version, called_off)
+        except SyncCancelled as exc:
+            self._sent(command, None, exc)
+            return
+        self._sent(command, stats, None)
+
+    def _sent(self, command: SyncWeights, stats, error: Exception | None) -> None:
+        """The end of a sync (from the sending thread when in the background)."""
+        if isinstance(error, SyncCancelled):  # a rollout replica died: the controller re-plans
+            log.warning("%s", error)
+        elif error is not None:
+            self.sync_error = error  # raised by the training thread at its next command
+        elif stats is not None and self.is_main:
             log.info(
                 "sent weights v%d to %d rollout ranks: %.1f MB in %.3fs (%.2f GB/s from this "
                 "rank), after %.3fs waiting for them",
                 command.version, command.plan.receiver_ranks, stats.bytes / 1e6, stats.send_s,
                 stats.bytes / 1e9 / max(stats.send_s, 1e-9), stats.wait_s,
             )  # fmt: skip
+
+    def _check_sync(self, wait: bool = False) -> None:
+        if wait and self.weights is not None:
+            self.weights.wait()
+        if self.sync_error is not None:
+            error, self.sync_error = self.sync_error, None
+            raise RuntimeError(f"weight sync failed: {error}") from error
 
     def _save_checkpoint(self, command: Checkpoint) -> None:
         trainer = self.trainer
