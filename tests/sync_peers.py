@@ -4,6 +4,7 @@
         FSDP2 policy ranks (REPLICATE x world/REPLICATE mesh): before each sync the weights
         change (as a step would), the senders send them, and rank 0 saves the full weights it
         sent as OUT/policy_v{version}.pt. Rank 0 writes the manifest to OUT/manifest.json.
+        With SYNC_IN_BACKGROUND=1 they send from a thread and change the weights again at once.
     python tests/sync_peers.py receiver MODEL OUT SYNCS.json REPLICA
         A transformers rollout engine as replica REPLICA: takes part in each sync that names
         it and saves what the engine then holds as OUT/{REPLICA}_v{version}.pt.
@@ -78,14 +79,24 @@ def policy(model_dir: str, out: Path, syncs: list[tuple[int, SyncPlan]], replica
         tmp = out / "manifest.json.tmp"
         tmp.write_text(sender.manifest.to_json())
         tmp.rename(out / "manifest.json")
+    background = os.environ.get("SYNC_IN_BACKGROUND") == "1"
+    errors = []
     for version, plan in syncs:
         with torch.no_grad():
             for i, p in enumerate(params.values()):
                 p.mul_(1.0 + 0.01 * version).add_(0.001 * (i % 7 - 3) * version)
-        sender.send(plan, version)
         full = {n: p.full_tensor() for n, p in params.items()}
         if env.rank == 0:
             save_atomic(full, out / f"policy_v{version}.pt")
+        if not background:
+            sender.send(plan, version)
+            continue
+        sender.send_in_background(plan, version, lambda: False, lambda _, e: errors.append(e))
+        with torch.no_grad():  # training goes on at once: the receivers must not see this
+            for p in params.values():
+                p.add_(0.5)
+    sender.wait()
+    assert errors in ([], [None] * len(errors)), errors
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # torch 2.13's gloo can abort at shutdown (see policy/__main__.py)

@@ -137,9 +137,13 @@ def test_arena_reuses_its_memory():
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("replicate,nproc", [(1, 2), (2, 4)], ids=["fsdp2", "hsdp2x2"])
+@pytest.mark.parametrize(
+    "replicate,nproc,background",
+    [(1, 2, False), (2, 4, False), (1, 2, True)],
+    ids=["fsdp2", "hsdp2x2", "fsdp2-background"],
+)
 def test_replicas_hold_the_policy_weights_after_each_sync(
-    tmp_path, tiny_model_dir, replicate, nproc
+    tmp_path, tiny_model_dir, replicate, nproc, background
 ):
     port = free_port()
     syncs = [
@@ -150,6 +154,7 @@ def test_replicas_hold_the_policy_weights_after_each_sync(
     syncs_file = tmp_path / "syncs.json"
     syncs_file.write_text(json.dumps([{"version": v, "plan": p.model_dump()} for v, p in syncs]))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env["SYNC_IN_BACKGROUND"] = "1" if background else "0"
     receivers = [
         subprocess.Popen(
             [
