@@ -128,7 +128,9 @@ def test_a_killed_policy_resumes_from_the_last_checkpoint(tmp_path):
     finally:
         run.kill()
     output = run.output()
-    assert re.search(r"policy0 \(pid \d+\) died", output), output[-6000:]
+    # The launcher sees the policy's torchrun agent exit, or first the rollout replica that a
+    # transfer in flight took down with it: either way it restarts the run.
+    assert re.search(r"policy0 \(pid \d+\) died|every expendable process is gone", output)
     resumed_at = int(re.search(r"restart 1/2: resuming from \S+step_(\d+)", output).group(1))
     assert resumed_at >= 3
     outcome = json.loads((run_dir / "result.json").read_text())

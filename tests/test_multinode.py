@@ -1,6 +1,7 @@
 """Runs over several nodes: the node plan (who runs what, on which GPUs), the launcher's checks
 of the node flags, and a 2-node GRPO run on this machine (two launchers; node 0 on 127.0.0.2,
-so nothing reaches it through a hard-coded 127.0.0.1), whose Redis wants the password."""
+so nothing reaches it through a hard-coded 127.0.0.1), whose Redis wants the password and which
+survives the policy dying: both nodes restart from the last checkpoint."""
 
 from __future__ import annotations
 
@@ -124,31 +125,6 @@ def start_two_nodes(tmp_path, password: str, *overrides: str) -> list[subprocess
     return nodes
 
 
-@pytest.mark.timeout(400)
-def test_a_two_node_run_finishes(tmp_path):
-    password = "two-node-secret"
-    nodes = start_two_nodes(tmp_path, password, "train.max_num_steps=6")
-    try:
-        outputs = [node.communicate(timeout=380)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    joiner, head = outputs
-    assert nodes[1].returncode == 0, head[-6000:]
-    assert nodes[0].returncode == 0, joiner[-6000:]
-    run_dir = tmp_path / "two-nodes"
-    outcome = json.loads((run_dir / "result.json").read_text())
-    assert outcome["steps"] == 6 and "0" in outcome["rollout_replicas"]
-    assert "[rollout0" in joiner and "[rollout0" not in head  # the rollout ran on node 1
-    assert "[policy0" in head and "[controller" in head
-    assert password not in head + joiner
-    for log in (run_dir / "logs").iterdir():
-        assert password not in log.read_text()
-    assert password not in (run_dir / "run.json").read_text()
-    info = json.loads((run_dir / "run.json").read_text())
-    assert info["redis_url"].startswith("redis://127.0.0.2:")
-
-
 @pytest.mark.redis
 def test_a_reachable_redis_wants_the_password(tmp_path):
     from gantry.redis_server import RedisServer, RedisServerError
@@ -167,12 +143,16 @@ def test_a_reachable_redis_wants_the_password(tmp_path):
 
 
 @pytest.mark.timeout(500)
-def test_both_nodes_restart_when_the_policy_on_node_0_dies(tmp_path):
+def test_a_two_node_run_survives_the_policy_on_node_0_dying(tmp_path):
+    """Node 0 runs the controller and the policy, node 1 the rollout replica; the policy is
+    killed after the step-3 checkpoint: both nodes restart from it and the run finishes."""
+    password = "two-node-secret"
     nodes = start_two_nodes(
-        tmp_path, "pw", "train.max_num_steps=8", "train.ckpt.enable_checkpoint=true",
+        tmp_path, password, "train.max_num_steps=8", "train.ckpt.enable_checkpoint=true",
         "train.ckpt.save_freq=3", "train.ckpt.export_safetensors=false",
     )  # fmt: skip
-    log = tmp_path / "two-nodes" / "logs" / "controller.log"
+    run_dir = tmp_path / "two-nodes"
+    log = run_dir / "logs" / "controller.log"
     try:
         deadline = time.monotonic() + 300
         while "checkpoint step 3 complete" not in (log.read_text() if log.exists() else ""):
@@ -187,7 +167,15 @@ def test_both_nodes_restart_when_the_policy_on_node_0_dies(tmp_path):
     joiner, head = outputs
     assert nodes[1].returncode == 0, head[-6000:]
     assert nodes[0].returncode == 0, joiner[-6000:]
+    assert "[rollout0" in joiner and "[rollout0" not in head  # the rollout ran on node 1
+    assert "[policy0" in head and "[controller" in head
     assert "restart 1/2: resuming from" in head
     assert "node 0 started the run again: restarting node 1's processes" in joiner
-    outcome = json.loads((tmp_path / "two-nodes" / "result.json").read_text())
+    outcome = json.loads((run_dir / "result.json").read_text())
     assert outcome["steps"] == 8 and outcome["resumed_from"]
+    assert "0" in outcome["rollout_replicas"]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["redis_url"].startswith("redis://127.0.0.2:")
+    for text in [head, joiner, *(p.read_text() for p in (run_dir / "logs").iterdir())]:
+        assert password not in text
+    assert password not in (run_dir / "run.json").read_text()
