@@ -51,6 +51,7 @@ from policy.upload import Uploader
 from policy.weight_sync import PolicySender
 
 log = logging.getLogger("gantry.policy")
+CALLED_OFF_GRACE_S = 30.0  # after a failed transfer, how long to wait to hear why
 FINAL_UPLOAD_TIMEOUT_S = 3600.0
 
 
@@ -211,8 +212,9 @@ class PolicyWorker:
             return
         try:
             stats = self.weights.send(command.plan, command.version, called_off)
-        except SyncCancelled as exc:
+        except Exception as exc:  # reported (and raised unless the sync was called off) below
             self._sent(command, None, exc)
+            self._check_sync()
             return
         self._sent(command, stats, None)
 
@@ -220,6 +222,12 @@ class PolicyWorker:
         """The end of a sync (from the sending thread when in the background)."""
         if isinstance(error, SyncCancelled):  # a rollout replica died: the controller re-plans
             log.warning("%s", error)
+        elif error is not None and self._called_off_soon(command):
+            # A member died during the transfer itself: the controller calls the sync off once
+            # it hears (from that replica's launcher, or its heartbeat); nobody's weights moved.
+            log.warning(
+                "weight sync v%d broke off, a member left the run: %s", command.version, error
+            )
         elif error is not None:
             self.sync_error = error  # raised by the training thread at its next command
         elif stats is not None and self.is_main:
@@ -229,6 +237,15 @@ class PolicyWorker:
                 command.version, command.plan.receiver_ranks, stats.bytes / 1e6, stats.send_s,
                 stats.bytes / 1e9 / max(stats.send_s, 1e-9), stats.wait_s,
             )  # fmt: skip
+
+    def _called_off_soon(self, command: SyncWeights) -> bool:
+        key = self.keys.sync_called_off(command.plan.group, command.version)
+        deadline = time.monotonic() + CALLED_OFF_GRACE_S
+        while time.monotonic() < deadline:
+            if self.plane.redis.exists(key):
+                return True
+            time.sleep(0.2)
+        return False
 
     def _check_sync(self, wait: bool = False) -> None:
         if wait and self.weights is not None:
