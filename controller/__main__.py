@@ -2,7 +2,7 @@
 
 import sys
 
-from gantry.runtime import load_run, parse_worker_args, setup_logging
+from gantry.runtime import EXIT_RUN_FAILED, load_run, parse_worker_args, setup_logging
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
         sys.exit(kind(config, info).run())
     except RunFailed as exc:  # the process boundary: one clear line for the launcher
         print(f"run failed: {exc}", flush=True)
-        sys.exit(1)
+        sys.exit(EXIT_RUN_FAILED)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from controller import journal
 from controller.fleet import RolloutFleet
 from controller.scheduler import PromptQueue, RolloutBuffer, task_of
 from gantry import checkpoints
@@ -34,7 +36,7 @@ from gantry.protocol import (
     prompt_id_parts,
 )
 from gantry.redis_server import free_port
-from gantry.runtime import RunInfo, append_jsonl, groups_per_step, planned_steps
+from gantry.runtime import RunInfo, groups_per_step, planned_steps
 from gantry.transport import ControlPlane, Delivery
 
 log = logging.getLogger("gantry.controller")
@@ -88,21 +90,33 @@ class Controller:
         self._last_heartbeat_check = 0.0
         self._last_step_done: float | None = None
         self._started = time.monotonic()
+        self.started = False  # every worker registered, training began
+        self.controller_restarts = 0
+        # Every write goes out with the state it leads to (controller.journal).
+        self.out = journal.Outbox(self.plane, self.keys)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_base = journal.lines_in(self.metrics_path)  # an earlier attempt's records
+        self.out.mirror("metrics", self.metrics_path)
 
     # ---- lifecycle ------------------------------------------------------------------
 
     def run(self) -> int:
         for stream in (self.keys.rollouts, self.keys.events):
             self.plane.ensure_group(stream, GROUP)
-        log.info("run %s: %s", self.info.run_id, self._plan())
-        if self.info.resume_from:
-            self._restore(Path(self.info.resume_from))
-        self._wait_for_workers()
-        if self.version >= self.total_steps:  # resumed from the last step: nothing to train
-            log.info(
-                "the checkpoint is at the last step (%d): exporting and stopping", self.version
-            )
-            self._order_export(self.version, final=True)
+        state = journal.load_state(self.plane, self.keys)
+        if state is None:
+            self._start_fresh()
+        else:
+            self._recover(state)
+        if not self.started:
+            self._wait_for_workers()
+            self.started = True
+            if self.version >= self.total_steps:  # resumed from the last step: nothing to train
+                log.info(
+                    "the checkpoint is at the last step (%d): exporting and stopping", self.version
+                )
+                self._order_export(self.version, final=True)
+            self._commit()
         while not self.finished:
             self._check_heartbeats()
             self._check_fleet_not_empty()
@@ -113,8 +127,90 @@ class Controller:
                 [self.keys.rollouts, self.keys.events], GROUP, GROUP, count=256, block_ms=200
             ):
                 self._handle(delivery)
+            self._commit()
         self._write_result()
         return 0
+
+    def _start_fresh(self) -> None:
+        log.info("run %s: %s", self.info.run_id, self._plan())
+        if self.info.resume_from:
+            self._restore(Path(self.info.resume_from))
+            for value in self.rewards:
+                self.out.append("rewards", value)
+        self._commit()
+
+    # ---- the journal: surviving a controller restart ---------------------------------
+
+    def _remember(self, name: str, values: list, value) -> None:
+        values.append(value)
+        self.out.append(name, value)
+
+    def _commit(self) -> None:
+        self.out.commit(self._snapshot())
+
+    def _snapshot(self) -> dict:
+        """What a restarted controller needs besides the journal's lists and sets and the
+        entries still pending in its consumer group."""
+        return {
+            "version": self.version,
+            "steps_sent": self.steps_sent,
+            "pending_batch": self.pending_batch,
+            "registered": sorted(self.registered),
+            "open_syncs": [[g, v, sorted(w)] for (g, v), w in self.open_syncs.items()],
+            "fleet_empty_since": self._fleet_empty_since,
+            "uploads": self.uploads,
+            "checkpoint_states": self.checkpoint_states,
+            "finished": self.finished,
+            "final_export": self.final_export,
+            "last_step_done": self._last_step_done,
+            "started_at": self._started,  # time.monotonic: the restart runs on the same node
+            "started": self.started,
+            "controller_restarts": self.controller_restarts,
+            "metrics_base": self.metrics_base,
+            "queue": self.queue.state(),
+            "buffer": {"entries": self.buffer.entry_ids(), "stats": asdict(self.buffer.stats)},
+            "fleet": self.fleet.state(),
+        }
+
+    def _recover(self, state: dict) -> None:
+        """Carry on from the last committed pass of the controller before this one."""
+        self.version, self.steps_sent = state["version"], state["steps_sent"]
+        self.pending_batch = state["pending_batch"]
+        self.registered = {tuple(member) for member in state["registered"]}
+        self.open_syncs = {(g, v): set(w) for g, v, w in state["open_syncs"]}
+        self._fleet_empty_since = state["fleet_empty_since"]
+        self.uploads = state["uploads"]
+        self.checkpoint_states = {int(k): v for k, v in state["checkpoint_states"].items()}
+        self.finished, self.final_export = state["finished"], state["final_export"]
+        self._last_step_done, self._started = state["last_step_done"], state["started_at"]
+        self.started = state["started"]
+        self.controller_restarts = state["controller_restarts"] + 1
+        self.metrics_base = state["metrics_base"]
+        self.queue.restore(state["queue"])
+        self.fleet.restore(state["fleet"])
+        self.rewards = journal.load_list(self.plane, self.keys, "rewards")
+        journal.catch_up_mirror(
+            self.plane, self.keys, "metrics", self.metrics_path, self.metrics_base
+        )
+        pending = journal.pending_deliveries(
+            self.plane, [self.keys.rollouts, self.keys.events], GROUP, GROUP
+        )
+        buffered = set(state["buffer"]["entries"])
+        groups = {d.entry_id: d.message for d in pending if d.entry_id in buffered}
+        self.buffer.restore(
+            [(groups[e], e) for e in state["buffer"]["entries"]],
+            journal.load_set(self.plane, self.keys, "seen"),
+            state["buffer"]["stats"],
+        )
+        log.warning(
+            "controller restarted (%d time(s)): carrying on at step %d, %d result(s) buffered, "
+            "%d message(s) to handle again",
+            self.controller_restarts, self.version, len(groups), len(pending) - len(groups),
+        )  # fmt: skip
+        for delivery in pending:
+            if delivery.entry_id not in buffered:
+                self._handle(delivery)
+        self._commit()
 
     def _plan(self) -> str:
         return (
@@ -138,6 +234,7 @@ class Controller:
                 )
             for delivery in self.plane.read_group([self.keys.events], GROUP, GROUP, 16, 500):
                 self._handle(delivery)
+            self._commit()
         log.info("starting with %s", sorted(self.registered))
 
     def _check_heartbeats(self) -> None:
@@ -177,11 +274,11 @@ class Controller:
         for prompt_id in sorted(replica.in_flight, key=prompt_id_parts):
             self.queue.retry(task_of(prompt_id))
         # Prompts it never read; a process restarted under its name starts clean.
-        self.plane.redis.delete(self.keys.prompts(name))
-        self.plane.send(self.keys.commands("rollout", name), Stop(reason=f"dropped: {why}"))
+        self.out.delete(self.keys.prompts(name))
+        self.out.send(self.keys.commands("rollout", name), Stop(reason=f"dropped: {why}"))
         for (group, version), waiting in list(self.open_syncs.items()):
             if name in waiting:
-                self.plane.redis.set(self.keys.sync_called_off(group, version), b"1", ex=86400)
+                self.out.set(self.keys.sync_called_off(group, version), b"1", ex=86400)
                 self.fleet.sync_called_off(sorted(waiting - {name}))
                 del self.open_syncs[(group, version)]
         log.warning(
@@ -221,7 +318,7 @@ class Controller:
             self.fleet.dispatched(name, task.prompt_id)
             by_replica.setdefault(name, []).append(task)
         for name, tasks in by_replica.items():
-            self.plane.send_many(self.keys.prompts(name), tasks)
+            self.out.send_many(self.keys.prompts(name), tasks)
 
     def _catch_up_joiners(self) -> None:
         """Send the current weights to replicas that hold older ones, while the policy is
@@ -243,9 +340,8 @@ class Controller:
         self.steps_sent += 1
         groups = [g for g, _ in batch]
         message = TrainBatch(step=self.steps_sent, groups=groups)
-        self.plane.ack_and_send(
-            self.keys.rollouts, GROUP, [e for _, e in batch], self.keys.policy_commands, [message]
-        )
+        self.out.ack(self.keys.rollouts, GROUP, [e for _, e in batch])
+        self.out.send(self.keys.policy_commands, message)
         rewards = [s.reward for g in groups for s in g.samples]
         self.pending_batch = {
             "sent": time.monotonic(),
@@ -258,8 +354,9 @@ class Controller:
     def _retry(self, items: list[tuple[RolloutGroup, str]]) -> None:
         if not items:
             return
-        self.plane.ack(self.keys.rollouts, GROUP, [e for _, e in items])
+        self.out.ack(self.keys.rollouts, GROUP, [e for _, e in items])
         for group, _ in items:
+            self.out.mark("seen", group.prompt_id, present=False)
             self.queue.retry(task_of(group.prompt_id))
 
     # ---- incoming -------------------------------------------------------------------
@@ -269,12 +366,14 @@ class Controller:
         if isinstance(message, RolloutGroup):
             self.fleet.returned(message.replica, message.prompt_id, message.policy_version)
             outcome = self.buffer.add(message, delivery.entry_id, self.version)
-            if outcome == "stale":
+            if outcome == "accepted":
+                self.out.mark("seen", message.prompt_id)
+            elif outcome == "stale":
                 self._retry([(message, delivery.entry_id)])
             elif outcome == "duplicate":
-                self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
+                self.out.ack(delivery.stream, GROUP, [delivery.entry_id])
             return  # accepted groups are acknowledged when their batch is sent
-        self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
+        self.out.ack(delivery.stream, GROUP, [delivery.entry_id])
         if isinstance(message, Register):
             self._on_register(message)
         elif isinstance(message, StepDone):
@@ -338,15 +437,15 @@ class Controller:
         if not replicas:  # all gone: those that join later catch up
             return
         sync = SyncWeights(version=version, plan=self.fleet.plan(replicas))
-        self.plane.send(self.keys.policy_commands, sync)
+        self.out.send(self.keys.policy_commands, sync)
         for replica in replicas:
-            self.plane.send(self.keys.commands("rollout", replica), sync)
+            self.out.send(self.keys.commands("rollout", replica), sync)
         self.fleet.synced(replicas, version)
         self.open_syncs[(sync.plan.group, version)] = set(replicas)
 
     def _order_export(self, step: int, final: bool) -> None:
         path = self.run_dir / "export" / ("final" if final else f"step_{step}")
-        self.plane.send(self.keys.policy_commands, Export(step=step, path=str(path), final=final))
+        self.out.send(self.keys.policy_commands, Export(step=step, path=str(path), final=final))
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -354,7 +453,7 @@ class Controller:
         """The policy saves its part; the controller's part is its state as of this step."""
         path = checkpoints.step_dir(self.run_dir / checkpoints.CHECKPOINTS, step)
         self.checkpoint_states[step] = self._state(step)
-        self.plane.send(self.keys.policy_commands, Checkpoint(step=step, path=str(path)))
+        self.out.send(self.keys.policy_commands, Checkpoint(step=step, path=str(path)))
 
     def _state(self, step: int) -> dict:
         # Prompts buffered or in flight are not trained yet: a resumed run hands them out again.
@@ -404,11 +503,11 @@ class Controller:
         if not done.final:
             return
         self.final_export = done.path
-        self.plane.send(self.keys.policy_commands, Stop())
+        self.out.send(self.keys.policy_commands, Stop())
         # Also those started but not registered yet, which stop when they are up.
         launched = {str(i) for i in range(self.n_rollout_replicas)}
         for replica in sorted(launched | set(self.fleet.replicas)):
-            self.plane.send(self.keys.commands("rollout", replica), Stop())
+            self.out.send(self.keys.commands("rollout", replica), Stop())
         self.finished = True
 
     def _record(self, done: StepDone, batch: dict) -> None:
@@ -427,8 +526,8 @@ class Controller:
             **done.metrics,
             "prompt_ids": batch["prompt_ids"],  # what this step trained on: an audit trail
         }
-        self.rewards.append(batch["reward_mean"])
-        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        self._remember("rewards", self.rewards, batch["reward_mean"])
+        self.out.append("metrics", record)
         if done.step % self.config.logging.log_interval == 0 or done.step == self.total_steps:
             log.info(
                 "step %d/%d | reward %.3f | loss %.4f | kl %.4f | %.1f samples/s | "
@@ -456,6 +555,7 @@ class Controller:
             "uploads": self.uploads,
             "rollout_replicas": self.fleet.stats(),
             "departed_rollout_replicas": self.fleet.departed,
+            "controller_restarts": self.controller_restarts,
             "seconds": time.monotonic() - self._started,
         }
         self._write_result_json(result)

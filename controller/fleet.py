@@ -13,7 +13,7 @@ confirmed holding and catch up with the next sync.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from gantry.protocol import Receiver, SyncPlan
 
@@ -166,3 +166,24 @@ class RolloutFleet:
 
     def stats(self) -> dict[str, dict]:
         return {n: r.stats() for n, r in sorted(self.replicas.items())}
+
+    # ---- a restarted controller -------------------------------------------------------
+
+    def state(self) -> dict:
+        """Everything above as JSON; the sync store's port too: the policy hosts that store
+        for the whole run."""
+        return {
+            "port": self.port,
+            "replicas": [asdict(r) for r in self.replicas.values()],
+            "departed": self.departed,
+            "plans": [[list(k), p.model_dump()] for k, p in self.plans.items()],
+            "serial": self.serial,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.port, self.serial, self.departed = state["port"], state["serial"], state["departed"]
+        self.replicas = {r["name"]: RolloutReplica(**r) for r in state["replicas"]}
+        self.plans = {
+            tuple(tuple(member) for member in members): SyncPlan.model_validate(plan)
+            for members, plan in state["plans"]
+        }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gantry.protocol import PromptTask, RolloutGroup, prompt_id_parts
 
@@ -61,15 +61,19 @@ class PromptQueue:
     def retry(self, task: PromptTask) -> None:
         self._retry.append(task)
 
-    def state(self, pending: list[str]) -> dict:
+    def state(self, pending: list[str] = ()) -> dict:
         """The queue as JSON, with `pending` (prompt ids handed out but not trained) put back
-        in front, so a run resumed from this state trains every prompt exactly once."""
+        in front, so a run resumed from this state trains every prompt exactly once. The
+        epoch's order is not stored, only how far into it the queue is: the order is the
+        seed's, so the state stays small however large the dataset."""
         retry = sorted(pending, key=prompt_id_parts) + [t.prompt_id for t in self._retry]
-        return {"epoch": self._epoch, "order": list(self._order), "retry": retry}
+        position = self.dataset_size - len(self._order) if self._epoch else 0
+        return {"epoch": self._epoch, "position": position, "retry": retry}
 
     def restore(self, state: dict) -> None:
         self._epoch = state["epoch"]
-        self._order = deque(state["order"])
+        order = self._epoch_order(self._epoch - 1) if self._epoch else []
+        self._order = deque(order[state["position"] :])
         self._retry = deque(task_of(prompt_id) for prompt_id in state["retry"])
 
 
@@ -78,7 +82,6 @@ class BufferStats:
     accepted: int = 0
     dropped_stale: int = 0
     duplicates: int = 0
-    staleness: list[int] = field(default_factory=list)
 
 
 class RolloutBuffer:
@@ -97,6 +100,17 @@ class RolloutBuffer:
     def prompt_ids(self) -> list[str]:
         """The prompts whose results wait here for a batch."""
         return [group.prompt_id for group, _ in self._groups]
+
+    def entry_ids(self) -> list[str]:
+        """The stream entries of the buffered results, in order (a controller's snapshot)."""
+        return [entry_id for _, entry_id in self._groups]
+
+    def restore(self, groups: list[tuple[RolloutGroup, str]], seen: set[str], stats: dict):
+        """The buffer of a snapshot: its results (read back from the stream), the prompts it
+        accepted so far, and its counters."""
+        self._groups = deque(groups)
+        self._seen = set(seen)
+        self.stats = BufferStats(**stats)
 
     def add(self, group: RolloutGroup, entry_id: str, version: int) -> str:
         """'accepted', 'stale' (too old: retry the prompt) or 'duplicate' (already have it)."""
@@ -129,5 +143,4 @@ class RolloutBuffer:
         if len(self._groups) < self.groups_per_step:
             return [], expired
         batch = [self._groups.popleft() for _ in range(self.groups_per_step)]
-        self.stats.staleness.extend(version - g.policy_version for g, _ in batch)
         return batch, expired

@@ -15,10 +15,11 @@ import statistics
 import time
 from pathlib import Path
 
+from controller import journal
 from controller.controller import GROUP, Controller
 from gantry.config import GantryConfig
 from gantry.protocol import SFTBatch, StepDone, Validate, ValidationDone
-from gantry.runtime import RunInfo, append_jsonl
+from gantry.runtime import RunInfo
 
 log = logging.getLogger("gantry.controller")
 
@@ -44,7 +45,7 @@ class SFTController(Controller):
         super()._wait_for_workers()
         validation = self.config.validation
         if validation.enable and validation.val_before_train and self.version == 0:
-            self.plane.send(self.keys.policy_commands, Validate(step=0))
+            self.out.send(self.keys.policy_commands, Validate(step=0))
 
     def _dispatch(self) -> None:
         """Nothing to hand out: the policy reads the dataset itself."""
@@ -67,7 +68,7 @@ class SFTController(Controller):
         batch = SFTBatch(
             step=self.steps_sent, indices=[t.index for t in tasks], next_indices=following
         )
-        self.plane.send(self.keys.policy_commands, batch)
+        self.out.send(self.keys.policy_commands, batch)
         self.pending_batch = {"sent": time.monotonic(), "epoch": tasks[-1].epoch}
 
     def _on_step_done(self, done: StepDone) -> None:
@@ -75,7 +76,7 @@ class SFTController(Controller):
         final = done.step >= self.total_steps
         if validation.enable and (final or done.step % validation.freq == 0):
             # Before the checkpoint and export orders the parent sends: same weights.
-            self.plane.send(self.keys.policy_commands, Validate(step=done.step))
+            self.out.send(self.keys.policy_commands, Validate(step=done.step))
         super()._on_step_done(done)
 
     def _state(self, step: int) -> dict:
@@ -86,17 +87,26 @@ class SFTController(Controller):
         state = json.loads((checkpoint / "controller.json").read_text())
         self.truncated_samples = state.get("truncated_samples", 0)  # absent before it existed
 
+    def _snapshot(self) -> dict:
+        return {**super()._snapshot(), "truncated_samples": self.truncated_samples}
+
+    def _recover(self, state: dict) -> None:
+        self.truncated_samples = state["truncated_samples"]
+        self.tokens_per_s = journal.load_list(self.plane, self.keys, "tokens_per_s")
+        self.validations = journal.load_list(self.plane, self.keys, "validations")
+        super()._recover(state)
+
     def _handle(self, delivery) -> None:
         if isinstance(delivery.message, ValidationDone):
-            self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
+            self.out.ack(delivery.stream, GROUP, [delivery.entry_id])
             self._on_validation(delivery.message)
             return
         super()._handle(delivery)
 
     def _on_validation(self, done: ValidationDone) -> None:
         record = {"step": done.step, **done.metrics}
-        self.validations.append(record)
-        append_jsonl(self.run_dir / "metrics.jsonl", {"validation": True, **record})
+        self._remember("validations", self.validations, record)
+        self.out.append("metrics", {"validation": True, **record})
         log.info(
             "validation after step %d | loss %.4f | %d tokens of %d samples in %.1fs",
             done.step, done.metrics["val_loss"], done.metrics["val_tokens"],
@@ -113,8 +123,8 @@ class SFTController(Controller):
             "elapsed_s": time.monotonic() - self._started,
             **metrics,
         }
-        self.rewards.append(metrics["loss"])  # the history a resumed run carries on
-        self.tokens_per_s.append(metrics["tokens_per_s"])
+        self._remember("rewards", self.rewards, metrics["loss"])  # what a resumed run carries on
+        self._remember("tokens_per_s", self.tokens_per_s, metrics["tokens_per_s"])
         truncated = int(metrics.get("truncated_samples", 0))
         if truncated and not self.truncated_samples:
             log.warning(
@@ -124,7 +134,7 @@ class SFTController(Controller):
                 done.step, truncated, self.config.policy.model_max_length,
             )  # fmt: skip
         self.truncated_samples += truncated
-        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        self.out.append("metrics", record)
         if done.step % self.config.logging.log_interval == 0 or done.step == self.total_steps:
             log.info(
                 "step %d/%d | epoch %d | loss %.4f | %.0f tokens/s | lr %.2e | grad norm %.3f",
@@ -148,6 +158,7 @@ class SFTController(Controller):
                 "validations": self.validations,
                 "final_export": self.final_export,
                 "resumed_from": self.info.resume_from or None,
+                "controller_restarts": self.controller_restarts,
                 "uploads": self.uploads,
                 "seconds": time.monotonic() - self._started,
             }

@@ -52,10 +52,18 @@ class FaultToleranceConfig(BaseModel):
     max_restarts: int = Field(
         default=2,
         ge=0,
-        description="Times the launcher restarts a failed run (a policy or controller process "
-        "died) from its last complete checkpoint, or from the start without one, before giving "
-        "up; 0: fail at once. A rollout replica that dies is dropped instead (its prompts go "
-        "to the others).",
+        description="Times the launcher restarts a failed run (a policy process died, or the "
+        "controller failed the run) from its last complete checkpoint, or from the start "
+        "without one, before giving up; 0: fail at once. A rollout replica that dies is dropped "
+        "instead (its prompts go to the others).",
+    )
+    max_controller_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="Times the launcher restarts a controller process that died (killed, out "
+        "of memory, an error of its own) while the workers keep running: the new one carries on "
+        "from the state the last one kept in Redis, losing no step. 0: a dead controller "
+        "restarts the whole run (max_restarts).",
     )
     rollout_rejoin_timeout_s: float = Field(
         default=300.0,

@@ -4,8 +4,10 @@ It validates the config and the dataset script (exit 2 on bad input, before any 
 creates the run directory `<train.output_dir>/<timestamp>/` with the resolved config, starts the
 embedded redis-server unless `redis.url` is set, then the controller, the policy and the rollout
 processes, with their output prefixed by role and kept in `logs/`. A rollout replica that dies
-is reported to the controller, which hands its prompts to the others; if the controller or a
-policy process dies, the others are stopped and the run starts again from its last complete
+is reported to the controller, which hands its prompts to the others; a controller that dies is
+started again alone and carries on from the state it keeps in Redis
+(fault_tolerance.max_controller_restarts times); if a policy process dies (or the controller
+fails the run), the others are stopped and the run starts again from its last complete
 checkpoint (fault_tolerance.max_restarts times), else the launcher exits 1 naming it. It exits
 0 when training is done.
 """
@@ -30,7 +32,7 @@ from gantry.plugin import DatasetScriptError, load_dataset_script
 from gantry.processes import ProcessGroupSupervisor
 from gantry.protocol import WorkerFailed
 from gantry.redis_server import RedisServer, RedisServerError, free_port
-from gantry.runtime import RunInfo, groups_per_step, planned_steps
+from gantry.runtime import EXIT_RUN_FAILED, RunInfo, groups_per_step, planned_steps
 from gantry.tiny_model import BUILTIN_MODELS
 from gantry.transport import ControlPlane, redis_password
 
@@ -240,6 +242,19 @@ def run_processes(
         failed = WorkerFailed(role="rollout", replica=replica, error=f"process died with {how}")
         plane.send(info.keys.events, failed)
 
+    controller_restarts = 0
+
+    def restart(name: str, code: int) -> bool:
+        """A dead controller (not one that failed the run) restarts alone: its successor
+        carries on from the state it kept in Redis (controller.journal)."""
+        nonlocal controller_restarts
+        most = config.fault_tolerance.max_controller_restarts
+        if name != "controller" or code == EXIT_RUN_FAILED or controller_restarts >= most:
+            return False
+        controller_restarts += 1
+        say(f"controller restart {controller_restarts}/{most}")
+        return True
+
     supervisor = ProcessGroupSupervisor(run_dir / "logs")
     try:
         for process in placed:
@@ -249,6 +264,7 @@ def run_processes(
             expendable=lambda name: name.startswith("rollout"),
             on_lost=lost,
             stop_when=stop_when,
+            restart=restart,
         )
     except KeyboardInterrupt:
         say("interrupted: stopping the run")

@@ -27,6 +27,8 @@ DRAIN_TIMEOUT_S = 60.0
 class Child:
     name: str
     process: subprocess.Popen
+    args: list[str]
+    env: dict[str, str] | None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
     reader: threading.Thread | None = None
 
@@ -39,8 +41,8 @@ class ProcessGroupSupervisor:
         self._print_lock = threading.Lock()
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
-        env = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tqdm bars garble prefixed logs
+        full = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        full.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tqdm bars garble prefixed logs
         process = subprocess.Popen(
             [sys.executable, *args],
             stdout=subprocess.PIPE,
@@ -48,10 +50,10 @@ class ProcessGroupSupervisor:
             stdin=subprocess.DEVNULL,
             text=True,
             errors="replace",
-            env=env,
+            env=full,
             start_new_session=True,
         )
-        child = Child(name, process)
+        child = Child(name, process, args, env)
         child.reader = threading.Thread(target=self._pump, args=(child,), daemon=True)
         child.reader.start()
         self.children[name] = child
@@ -75,11 +77,13 @@ class ProcessGroupSupervisor:
         expendable: Callable[[str], bool] = lambda name: False,
         on_lost: Callable[[str, str], None] = lambda name, how: None,
         stop_when: Callable[[], bool] = lambda: False,
+        restart: Callable[[str, int], bool] = lambda name, code: False,
     ) -> int:
         """Block until `main` exits 0 and the others follow (0; with no `main`, until every
         child exited 0), or a child fails (1), or `stop_when()` (EXIT_RESTARTED). An
         `expendable` child that fails is reported to `on_lost(name, how)` and the run goes
-        on, unless every expendable child is gone."""
+        on, unless every expendable child is gone; another child that fails is started again
+        when `restart(name, exit code)` says so, the others running on."""
         lost: set[str] = set()
         while True:
             if stop_when():
@@ -89,7 +93,10 @@ class ProcessGroupSupervisor:
                 if code is None or code == 0 or child.name in lost:
                     continue
                 if not expendable(child.name):
-                    return self._failed(child, code)
+                    if not restart(child.name, code):
+                        return self._failed(child, code)
+                    self._restart(child, code)
+                    continue
                 lost.add(child.name)
                 self._report_lost(child, code)
                 on_lost(child.name, _how(code))
@@ -111,6 +118,17 @@ class ProcessGroupSupervisor:
             f"{child.name} (pid {child.process.pid}) died with {_how(code)}; the run goes on "
             f"without it. Its last output (full log: {self._log_path(child.name)}):\n{tail}"
         )
+
+    def _restart(self, child: Child, code: int) -> None:
+        if child.reader is not None:
+            child.reader.join(timeout=2)
+        tail = "".join(list(child.tail)[-10:]).rstrip()
+        self._say(
+            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; starting it again, "
+            f"the others running on. Its last output (full log: {self._log_path(child.name)}):"
+            f"\n{tail}"
+        )
+        self.start(child.name, child.args, child.env)
 
     def _drain(self, main: str, lost: set[str]) -> int:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S

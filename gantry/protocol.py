@@ -314,7 +314,7 @@ class Keys:
         """The policy's weight-sync manifest (names, shapes, dtypes, shard rows), JSON."""
         return self.prefix + "manifest"
 
-    @property
-    def state(self) -> str:
-        """Hash of run state, written only by the controller."""
-        return self.prefix + "state"
+    def journal(self, name: str) -> str:
+        """The controller's state (`state`, JSON) and its lists and sets (controller.journal):
+        written only by the controller, read back by a restarted one."""
+        return f"{self.prefix}controller:{name}"

@@ -28,6 +28,9 @@ from gantry.transport import ControlPlane
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 30.0
+# The controller's exit when the run cannot go on (a policy replica failed): the launcher starts
+# the run again; any other non-zero exit is the controller's own death, and it restarts alone.
+EXIT_RUN_FAILED = 3
 
 
 class RunInfo(BaseModel):

@@ -91,6 +91,18 @@ class ControlPlane:
         reply = self.redis.xreadgroup(group, consumer, {stream: "0"}, count=count)
         return _deliveries(reply)
 
+    def read_all_pending(self, stream: str, group: str, consumer: str) -> list[Delivery]:
+        """Every entry of `stream` delivered to this consumer and never acknowledged."""
+        found: list[Delivery] = []
+        after = "0"
+        while True:
+            reply = self.redis.xreadgroup(group, consumer, {stream: after}, count=1000)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return found
+            found += _deliveries(reply)
+            after = entries[-1][0].decode()
+
     def claim_stale(
         self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
     ) -> list[Delivery]:

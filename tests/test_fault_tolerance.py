@@ -1,7 +1,8 @@
 """Fault injection on whole runs: a rollout replica killed by pid mid-run is dropped, its prompts
 go to the others and a replica started afterwards takes work, and every prompt is trained
 exactly once (counted from metrics.jsonl); a killed policy process makes the launcher start the
-run again from its last checkpoint, which reaches the final step."""
+run again from its last checkpoint, which reaches the final step; a killed controller is started
+again alone and carries on from its state in Redis, losing and repeating nothing."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ class Run:
     """A launcher process whose output is collected by a thread, so a test can wait for a line
     without blocking on the pipe."""
 
-    def __init__(self, tmp_path: Path, *overrides: str) -> None:
+    def __init__(self, tmp_path: Path, *overrides: str, base: list[str] = QUICKSTART) -> None:
         args = [
-            sys.executable, "-m", "gantry.launcher", *QUICKSTART,
+            sys.executable, "-m", "gantry.launcher", *base,
             f"train.output_dir={tmp_path}", "rollout.backend=transformers",
             "logging.log_interval=1", *overrides,
         ]  # fmt: skip
@@ -140,3 +141,94 @@ def test_a_killed_policy_resumes_from_the_last_checkpoint(tmp_path):
     assert sorted(last) == list(range(1, steps + 1))
     trained = [p for m in last.values() for p in m["prompt_ids"]]
     assert len(set(trained)) == len(trained)
+
+
+def controller_pid(launcher: subprocess.Popen, not_pid: int = 0, timeout: float = 60) -> int:
+    """The pid of the launcher's controller child (found by parent pid, never by name)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (proc / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            ours = parent == launcher.pid and command[1:3] == [b"-m", b"controller"]
+            if ours and int(proc.name) != not_pid:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError("the launcher has no controller process")
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_controller_restarts_alone_and_no_step_or_prompt_is_lost(tmp_path):
+    steps = 12
+    run = Run(tmp_path, "train.train_batch_per_replica=64", f"train.max_num_steps={steps}")
+    try:
+        run_dir = run.run_dir()
+        run.wait_for(rf"step 3/{steps}", 300)
+        os.kill(controller_pid(run.process), signal.SIGKILL)
+        run.wait_for(r"controller restarted \(1 time", 120)
+        assert run.finish(timeout=500) == 0, run.output()[-8000:]
+    finally:
+        run.kill()
+    output = run.output()
+    assert "controller restart 1/3" in output
+    # The workers ran on: registered once, no restart of the run.
+    assert len(re.findall(r"\[controller *\] \S+ INFO policy replica 0 registered", output)) == 1
+    assert "restart 1/2" not in output
+    metrics = metrics_of(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1)), output[-8000:]
+    trained = [p for m in metrics for p in m["prompt_ids"]]
+    assert len(trained) == steps * len(metrics[0]["prompt_ids"]) == len(set(trained))
+    outcome = json.loads((run_dir / "result.json").read_text())
+    assert outcome["steps"] == steps and outcome["controller_restarts"] == 1
+    assert outcome["final_export"].endswith("export/final")
+
+
+SFT = [
+    "--config", "configs/quickstart-sft.toml", "datasets/arithmetic.py",
+    "train.train_batch_per_replica=64", "train.train_policy.mini_batch=16",
+    "validation.enable=true", "validation.freq=10", "logging.log_interval=1", "custom.size=3000",
+]  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_sft_controller_killed_twice_gives_the_losses_of_an_unbroken_run(tmp_path):
+    """The restarted controllers send the same batches in the same order: every step's loss
+    equals the one of the same run without a kill."""
+    steps = 40
+    whole = subprocess.run(
+        [sys.executable, "-m", "gantry.launcher", *SFT, f"train.output_dir={tmp_path / 'whole'}",
+         f"train.max_num_steps={steps}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stdout[-5000:] + whole.stderr[-3000:]
+    (whole_dir,) = [p for p in (tmp_path / "whole").iterdir() if not p.name.startswith(".")]
+    run = Run(tmp_path / "killed", f"train.max_num_steps={steps}", base=SFT)
+    try:
+        run_dir = run.run_dir()
+        run.wait_for(rf"step 4/{steps}", 300)
+        first = controller_pid(run.process)
+        os.kill(first, signal.SIGKILL)
+        run.wait_for(r"controller restarted \(1 time", 120)
+        run.wait_for(rf"step 2\d/{steps}", 300)
+        os.kill(controller_pid(run.process, not_pid=first), signal.SIGKILL)
+        run.wait_for(r"controller restarted \(2 time", 120)
+        assert run.finish(timeout=400) == 0, run.output()[-8000:]
+    finally:
+        run.kill()
+
+    def records(path: Path) -> tuple[dict, list]:
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return {m["step"]: m["loss"] for m in lines if "loss" in m}, [
+            m["step"] for m in lines if m.get("validation")
+        ]
+
+    (want, want_val), (got, got_val) = records(whole_dir), records(run_dir)
+    assert sorted(got) == list(range(1, steps + 1)) and got_val == want_val, run.output()[-6000:]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    outcome = json.loads((run_dir / "result.json").read_text())
+    assert outcome["steps"] == steps and outcome["controller_restarts"] == 2
+    assert [v["step"] for v in outcome["validations"]] == want_val

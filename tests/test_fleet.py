@@ -79,3 +79,24 @@ def test_a_dropped_replica_leaves_its_syncs_and_a_called_off_sync_falls_back():
     assert f.plan(["0"]) != both and f.plan(["0"]).group != both.group
     f.confirmed("0", 2)
     assert f.replicas["0"].held == 2
+
+
+def test_the_fleet_comes_back_from_its_state_with_the_same_plans_and_prompts():
+    import json
+
+    f = fleet(capacity=4)
+    f.register("0", 2, holds_version=0, policy_version=0)
+    f.register("1", 1, holds_version=0, policy_version=0)
+    plan = f.plan(["0", "1"])
+    f.synced(["0", "1"], 1)
+    f.dispatched("0", "0:3")
+    f.register("2", 1, holds_version=0, policy_version=1)
+    f.drop("2", "died")
+    restored = fleet(capacity=4)
+    restored.restore(json.loads(json.dumps(f.state())))
+    assert restored.plan(["0", "1"]) == plan  # the same group: its process groups are reused
+    assert restored.plan(["0"]).group != plan.group  # a new membership gets a new name
+    assert restored.in_flight == {"0:3": "0"}
+    assert restored.replicas["0"].version == 1 and restored.departed == f.departed
+    restored.returned("0", "0:3", version=1)
+    assert restored.replicas["0"].groups == 1
