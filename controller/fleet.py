@@ -13,7 +13,7 @@ confirmed holding and catch up with the next sync.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from gantry.protocol import Receiver, SyncPlan
 
@@ -174,7 +174,10 @@ class RolloutFleet:
         for the whole run."""
         return {
             "port": self.port,
-            "replicas": [asdict(r) for r in self.replicas.values()],
+            # vars, not dataclasses.asdict: its deep copy is most of a pass's time otherwise.
+            "replicas": [
+                {**vars(r), "in_flight": dict(r.in_flight)} for r in self.replicas.values()
+            ],
             "departed": self.departed,
             "plans": [[list(k), p.model_dump()] for k, p in self.plans.items()],
             "serial": self.serial,
