@@ -16,6 +16,7 @@ is expanded to its patch tokens; the mask is expanded with it (those tokens are 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -94,11 +95,7 @@ class ConversationEncoder:
 
     def _tokenize(self, text: str, spans: list[tuple]) -> tuple[list[int], list[int]]:
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        mask = [
-            int(any(lo <= start and end <= hi for lo, hi in spans))
-            for start, end in encoded["offset_mapping"]
-        ]
-        return list(encoded["input_ids"]), mask
+        return list(encoded["input_ids"]), span_mask(encoded["offset_mapping"], spans)
 
     def _with_vision(self, example: Example, text: str, media) -> Example:
         outputs = self.processor(text=[text], **media.processor_kwargs(), return_tensors="pt")
@@ -120,6 +117,17 @@ class ConversationEncoder:
             )
         cut = self.max_length
         return Example(example.input_ids[:cut], example.loss_mask[:cut], truncated=True)
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters lie inside one of `spans`. Offsets ascend, so each
+    span covers one run of tokens, found by bisection rather than by testing every token."""
+    starts, ends = [start for start, _ in offsets], [end for _, end in offsets]
+    mask = [0] * len(offsets)
+    for lo, hi in spans:
+        first, stop = bisect.bisect_left(starts, lo), bisect.bisect_right(ends, hi)
+        mask[first:stop] = [1] * max(stop - first, 0)
+    return mask
 
 
 def expand_mask(

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from policy.sft_data import ConversationEncoder, collate, expand_mask
+from policy.sft_data import ConversationEncoder, collate, expand_mask, span_mask
 from tests.distributed_helpers import ROOT, run_ranks
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -58,6 +58,23 @@ def test_mask_covers_exactly_the_assistant_turns(tiny_llm):
     batch = collate([example], tok.pad_token_id, torch.device("cpu"))
     trained = batch.targets[0][batch.targets[0] != -100].tolist()
     assert trained == expected[0] + expected[1]
+
+
+def test_span_mask_is_the_tokens_inside_a_span(tiny_llm):
+    """The bisection gives what testing every token against every span gives, on the
+    tokenizer's own offsets (multi-byte characters split over tokens included)."""
+    import random
+
+    encoder = ConversationEncoder(str(tiny_llm), 4096, vision=False)
+    rng = random.Random(0)
+    words = ["7", "Sum", " it", "é", "日本", "🙂", "\n", "  ", "<|im_end|>", "x"]
+    for _ in range(200):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+        offsets = encoder.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        cuts = sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1)))
+        spans = list(zip(cuts[::2], cuts[1::2], strict=False))
+        naive = [int(any(lo <= a and b <= hi for lo, hi in spans)) for a, b in offsets]
+        assert span_mask(offsets, spans) == naive, (text, spans)
 
 
 def test_mask_with_an_image_skips_the_patch_tokens(tiny_vlm, tmp_path):
