@@ -95,7 +95,7 @@ class Controller:
         # Every write goes out with the state it leads to (controller.journal).
         self.out = journal.Outbox(self.plane, self.keys)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.metrics_base = journal.lines_in(self.metrics_path)  # an earlier attempt's records
+        self.metrics_base = 0  # records of an earlier attempt in metrics.jsonl
         self.out.mirror("metrics", self.metrics_path)
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -133,6 +133,7 @@ class Controller:
 
     def _start_fresh(self) -> None:
         log.info("run %s: %s", self.info.run_id, self._plan())
+        self.metrics_base = journal.lines_in(self.metrics_path)
         if self.info.resume_from:
             self._restore(Path(self.info.resume_from))
             for value in self.rewards:

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gantry.protocol import Keys, encode
-from gantry.transport import ControlPlane, Delivery
+from gantry.protocol import Keys
+from gantry.transport import ControlPlane, Delivery, entry_fields
 
 
 class Outbox:
@@ -37,7 +37,7 @@ class Outbox:
     # ---- the writes of a pass ------------------------------------------------------------
 
     def send(self, stream: str, message: Any) -> None:
-        self._pipe.xadd(stream, {"m": encode(message)})
+        self._pipe.xadd(stream, entry_fields(message))
 
     def send_many(self, stream: str, messages: list[Any]) -> None:
         for message in messages:  # one EXEC: a blocked reader wakes to all of them
@@ -86,8 +86,7 @@ class Outbox:
         appended, self._appended = self._appended, {}
         for name, lines in appended.items():
             if name in self._mirrors:
-                with self._mirrors[name].open("ab") as f:
-                    f.write(b"".join(line + b"\n" for line in lines))
+                _append_lines(self._mirrors[name], lines)
 
     def discard(self) -> None:
         """Forget the pass's writes (tests: a controller that died before committing)."""
@@ -122,8 +121,12 @@ def catch_up_mirror(plane: ControlPlane, keys: Keys, name: str, path: Path, base
     have = lines_in(path) - base
     missing = plane.redis.lrange(keys.journal(name), max(have, 0), -1)
     if missing:
-        with path.open("ab") as f:
-            f.write(b"".join(item + b"\n" for item in missing))
+        _append_lines(path, missing)
+
+
+def _append_lines(path: Path, lines: list[bytes]) -> None:
+    with path.open("ab") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
 
 
 def pending_deliveries(

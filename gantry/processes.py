@@ -111,24 +111,21 @@ class ProcessGroupSupervisor:
             time.sleep(0.2)
 
     def _report_lost(self, child: Child, code: int) -> None:
-        if child.reader is not None:
-            child.reader.join(timeout=2)
-        tail = "".join(list(child.tail)[-10:]).rstrip()
-        self._say(
-            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; the run goes on "
-            f"without it. Its last output (full log: {self._log_path(child.name)}):\n{tail}"
-        )
+        self._report_death(child, code, "the run goes on without it", last_lines=10)
 
     def _restart(self, child: Child, code: int) -> None:
+        self._report_death(child, code, "starting it again, the others running on", last_lines=10)
+        self.start(child.name, child.args, child.env)
+
+    def _report_death(self, child: Child, code: int, outcome: str, last_lines: int) -> None:
+        """Say that `child` died, what happens now, and the end of its output."""
         if child.reader is not None:
             child.reader.join(timeout=2)
-        tail = "".join(list(child.tail)[-10:]).rstrip()
+        tail = "".join(list(child.tail)[-last_lines:]).rstrip()
         self._say(
-            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; starting it again, "
-            f"the others running on. Its last output (full log: {self._log_path(child.name)}):"
-            f"\n{tail}"
+            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; {outcome}. Its "
+            f"last output (full log: {self._log_path(child.name)}):\n{tail}"
         )
-        self.start(child.name, child.args, child.env)
 
     def _drain(self, main: str, lost: set[str]) -> int:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -147,12 +144,8 @@ class ProcessGroupSupervisor:
         return 0
 
     def _failed(self, child: Child, code: int) -> int:
-        if child.reader is not None:
-            child.reader.join(timeout=2)
-        tail = "".join(child.tail).rstrip()
-        self._say(
-            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; stopping the other "
-            f"processes. Its last output (full log: {self._log_path(child.name)}):\n{tail}"
+        self._report_death(
+            child, code, "stopping the other processes", last_lines=child.tail.maxlen
         )
         return 1
 

@@ -57,14 +57,14 @@ class ControlPlane:
     # ---- streams --------------------------------------------------------------------
 
     def send(self, stream: str, message: Any) -> str:
-        return self.redis.xadd(stream, {"m": encode(message)}).decode()
+        return self.redis.xadd(stream, entry_fields(message)).decode()
 
     def send_many(self, stream: str, messages: list[Any]) -> None:
         """Append all of `messages` at once: a reader blocked on the stream wakes to all of
         them (not pipelined one by one, which would wake it after the first)."""
         pipe = self.redis.pipeline(transaction=True)
         for message in messages:
-            pipe.xadd(stream, {"m": encode(message)})
+            pipe.xadd(stream, entry_fields(message))
         pipe.execute()
 
     def ensure_group(self, stream: str, group: str) -> None:
@@ -85,23 +85,21 @@ class ControlPlane:
         return _deliveries(reply)
 
     def read_own_pending(
-        self, stream: str, group: str, consumer: str, count: int
+        self, stream: str, group: str, consumer: str, count: int, after: str = "0"
     ) -> list[Delivery]:
-        """Entries delivered to this consumer name before and never acknowledged (restart)."""
-        reply = self.redis.xreadgroup(group, consumer, {stream: "0"}, count=count)
+        """Entries delivered to this consumer name before and never acknowledged (restart),
+        the first `count` after the entry id `after`."""
+        reply = self.redis.xreadgroup(group, consumer, {stream: after}, count=count)
         return _deliveries(reply)
 
     def read_all_pending(self, stream: str, group: str, consumer: str) -> list[Delivery]:
         """Every entry of `stream` delivered to this consumer and never acknowledged."""
         found: list[Delivery] = []
-        after = "0"
-        while True:
-            reply = self.redis.xreadgroup(group, consumer, {stream: after}, count=1000)
-            entries = reply[0][1] if reply else []
-            if not entries:
-                return found
-            found += _deliveries(reply)
-            after = entries[-1][0].decode()
+        while page := self.read_own_pending(
+            stream, group, consumer, 1000, after=found[-1].entry_id if found else "0"
+        ):
+            found += page
+        return found
 
     def claim_stale(
         self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
@@ -126,7 +124,7 @@ class ControlPlane:
         """Publish results and acknowledge the inputs they came from, atomically."""
         pipe = self.redis.pipeline(transaction=True)
         for message in messages:
-            pipe.xadd(out_stream, {"m": encode(message)})
+            pipe.xadd(out_stream, entry_fields(message))
         if entry_ids:
             pipe.xack(stream, group, *entry_ids)
         pipe.execute()
@@ -155,6 +153,11 @@ class ControlPlane:
 
     def alive(self, key: str) -> bool:
         return bool(self.redis.exists(key))
+
+
+def entry_fields(message: Any) -> dict[str, bytes]:
+    """A message as the fields of a stream entry."""
+    return {"m": encode(message)}
 
 
 def _deliveries(reply: Any) -> list[Delivery]:
