@@ -242,18 +242,7 @@ def run_processes(
         failed = WorkerFailed(role="rollout", replica=replica, error=f"process died with {how}")
         plane.send(info.keys.events, failed)
 
-    controller_restarts = 0
-
-    def restart(name: str, code: int) -> bool:
-        """A dead controller (not one that failed the run) restarts alone: its successor
-        carries on from the state it kept in Redis (controller.journal)."""
-        nonlocal controller_restarts
-        most = config.fault_tolerance.max_controller_restarts
-        if name != "controller" or code == EXIT_RUN_FAILED or controller_restarts >= most:
-            return False
-        controller_restarts += 1
-        say(f"controller restart {controller_restarts}/{most}")
-        return True
+    restart = ControllerRestarts(config.fault_tolerance.max_controller_restarts)
 
     supervisor = ProcessGroupSupervisor(run_dir / "logs")
     try:
@@ -272,6 +261,22 @@ def run_processes(
     finally:
         supervisor.stop_all()
         plane.close()
+
+
+class ControllerRestarts:
+    """Whether a dead child is started again: only a controller that died (not one that failed
+    the run, EXIT_RUN_FAILED), at most `most` times; its successor carries on from the state
+    it kept in Redis (controller.journal)."""
+
+    def __init__(self, most: int) -> None:
+        self.most, self.done = most, 0
+
+    def __call__(self, name: str, code: int) -> bool:
+        if name != "controller" or code == EXIT_RUN_FAILED or self.done >= self.most:
+            return False
+        self.done += 1
+        say(f"controller restart {self.done}/{self.most}")
+        return True
 
 
 def say(text: str) -> None:

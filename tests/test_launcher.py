@@ -109,3 +109,15 @@ def test_bad_resume_and_bad_layout_exit_2(tmp_path, dataset):
     )  # fmt: skip
     assert result.returncode == 2
     assert "divisible by the ranks of a policy replica" in result.stderr
+
+
+def test_only_a_dead_controller_restarts_and_only_within_its_budget():
+    from gantry.launcher import ControllerRestarts
+    from gantry.runtime import EXIT_RUN_FAILED
+
+    restart = ControllerRestarts(most=2)
+    assert not restart("policy0", 1)  # a policy death restarts the whole run instead
+    assert not restart("controller", EXIT_RUN_FAILED)  # the controller failed the run
+    assert restart("controller", -9) and restart("controller", 1)
+    assert not restart("controller", -9)  # budget spent: the whole run restarts
+    assert not ControllerRestarts(most=0)("controller", -9)

@@ -50,3 +50,28 @@ def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path, monkeypatch):
     assert child.process.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.kill(child.process.pid, 0)
+
+
+def test_a_child_restarted_runs_again_with_its_arguments_until_the_restart_is_refused(
+    tmp_path, capsys
+):
+    """A controller that dies starts again (same arguments and environment, log appended)
+    while the others run on; once `restart` says no, its death fails the run."""
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    sleeper = supervisor.start("policy0", ["-c", "import time; time.sleep(60)"])
+    script = "import os, sys; print('run', os.environ['MARK'], flush=True); sys.exit(9)"
+    supervisor.start("controller", ["-c", script], {"MARK": "m"})
+    asked: list[tuple[str, int]] = []
+
+    def restart(name: str, code: int) -> bool:
+        asked.append((name, code))
+        return len(asked) <= 2
+
+    assert supervisor.wait(main="controller", restart=restart) == 1
+    assert sleeper.process.poll() is None  # ran on through both restarts
+    supervisor.stop_all()
+    assert asked == [("controller", 9)] * 3
+    assert (tmp_path / "logs" / "controller.log").read_text() == "run m\n" * 3
+    err = capsys.readouterr().err
+    assert err.count("starting it again, the others running on") == 2
+    assert "stopping the other processes" in err
