@@ -100,11 +100,12 @@ class SFTTrainer(Trainer):
         }
 
     def _loss_sum(self, batch: MicroBatch) -> torch.Tensor:
-        """Summed cross-entropy of the batch's assistant tokens (float32 logits)."""
-        logits = self.model(**batch.model_inputs()).logits[:, :-1].float()
+        """Summed cross-entropy of the batch's assistant tokens (float32 logits, computed at
+        the batch's label positions only)."""
+        logits = self.model(**batch.model_inputs()).logits.float()
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
-            batch.targets.reshape(-1),
+            batch.kept_targets().reshape(-1),
             ignore_index=IGNORE,
             reduction="sum",
         )

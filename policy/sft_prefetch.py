@@ -55,13 +55,19 @@ class ShareEncoder:
 
     def micro_batches(self, chunks: list[list[int]]) -> tuple[list[MicroBatch], int]:
         """One CPU micro-batch per chunk of sample indices, and how many samples were cut at
-        policy.model_max_length."""
-        batches, truncated = [], 0
+        policy.model_max_length.
+
+        The chunks' samples are regrouped by length (same chunk sizes): each micro-batch pads
+        to its longest row, so rows of like length waste the least compute. The step's loss is
+        a token sum over all its micro-batches, so the grouping does not change it."""
+        examples = [self.encoder.encode(self.samples[i], i) for chunk in chunks for i in chunk]
+        truncated = sum(e.truncated for e in examples)
+        examples.sort(key=lambda e: len(e.input_ids))
+        batches, start = [], 0
         for chunk in chunks:
-            examples = [self.encoder.encode(self.samples[i], i) for i in chunk]
-            truncated += sum(e.truncated for e in examples)
-            examples = with_fillers(examples, self.spec.fillers)
-            batches.append(collate(examples, self.spec.pad_token_id, torch.device("cpu")))
+            group = with_fillers(examples[start : start + len(chunk)], self.spec.fillers)
+            batches.append(collate(group, self.spec.pad_token_id, torch.device("cpu")))
+            start += len(chunk)
         return batches, truncated
 
 
@@ -105,6 +111,7 @@ def _mapped(batch: MicroBatch, fn) -> MicroBatch:
         input_ids=fn(batch.input_ids),
         attention_mask=fn(batch.attention_mask),
         targets=fn(batch.targets),
+        label_positions=fn(batch.label_positions),
         vision={k: fn(v) for k, v in batch.vision.items()},
     )
 
@@ -127,27 +134,35 @@ class StepEncoder:
             )
             self.pool.submit(int)  # start the processes now, while the model loads
 
-    def chunks(self, share: Sequence[int]) -> list[list[int]]:
+    def parts(self, share: Sequence[int]) -> list[list[list[int]]]:
+        """`share` in chunks of `mini_batch` indices, the chunks split in one part per worker
+        (one part without workers). Each part is encoded and grouped by length as a whole,
+        inline or in a worker alike, so both paths give the same micro-batches."""
         size = self.spec.mini_batch
-        return [list(share[i : i + size]) for i in range(0, len(share), size)]
+        chunks = [list(share[i : i + size]) for i in range(0, len(share), size)]
+        per_part = -(-len(chunks) // max(self.workers, 1))
+        return [chunks[i : i + per_part] for i in range(0, len(chunks), per_part)]
 
     def prepare(self, share: Sequence[int]) -> None:
         """Start encoding `share` in the workers (no-op without workers)."""
         if self.pool is None or not share:
             return
-        chunks = self.chunks(share)
-        per_worker = -(-len(chunks) // self.workers)
-        futures = [
-            self.pool.submit(_encode_in_worker, chunks[i : i + per_worker])
-            for i in range(0, len(chunks), per_worker)
-        ]
+        futures = [self.pool.submit(_encode_in_worker, part) for part in self.parts(share)]
         self.ahead = (tuple(share), futures)
+
+    def encode_inline(self, share: Sequence[int]) -> tuple[list[MicroBatch], int]:
+        batches, truncated = [], 0
+        for part in self.parts(share):
+            part_batches, cut = self.inline.micro_batches(part)
+            batches += part_batches
+            truncated += cut
+        return batches, truncated
 
     def take(self, share: Sequence[int]) -> tuple[list[MicroBatch], int]:
         """The micro-batches of `share` (CPU tensors) and the count of truncated samples."""
         ahead, self.ahead = self.ahead, None
         if ahead is None or ahead[0] != tuple(share):
-            return self.inline.micro_batches(self.chunks(share))
+            return self.encode_inline(share)
         batches, truncated = [], 0
         for future in ahead[1]:
             part, cut = future.result()  # a sample's error is raised here, as inline

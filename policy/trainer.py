@@ -92,7 +92,10 @@ def share_of(rows: list[Row], rank: int, world_size: int) -> list[Row]:
 
 @dataclass
 class PackedBatch:
-    """Rows right-padded into tensors; masks are aligned with the next-token predictions."""
+    """Rows right-padded into tensors; masks are aligned with the next-token predictions.
+    `completion_positions` are the positions at which some row predicts a completion token:
+    logits are computed there only (prompts, a VLM's patch tokens and padding skip the
+    vocabulary projection)."""
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
@@ -101,8 +104,16 @@ class PackedBatch:
     advantages: torch.Tensor  # [B]
     vision: dict[str, torch.Tensor] = field(default_factory=dict)  # a VLM's pixel inputs
 
+    def __post_init__(self) -> None:
+        self.completion_positions = self.completion_mask.any(dim=0).nonzero().squeeze(1)
+
     def model_inputs(self) -> dict:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "logits_to_keep": self.completion_positions,
+            **self.vision,
+        }
 
 
 def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> PackedBatch:
@@ -130,19 +141,19 @@ def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> Packe
 def token_logprobs(
     model: torch.nn.Module, batch: PackedBatch, temperature: float, banned: Sequence[int] = ()
 ) -> torch.Tensor:
-    """log p(token t | tokens < t) under `model` at the sampler's temperature: [B, L-1].
-    `banned` tokens (never sampled: a VLM's media placeholders) are masked out, as the
-    sampler did; the prompt's own placeholders then get -inf, so with `banned` only the
-    completion positions are returned (0 elsewhere)."""
-    logits = model(**batch.model_inputs()).logits
-    logits = logits[:, :-1].float() / temperature
+    """log p(token t | tokens < t) under `model` at the sampler's temperature, at the
+    completion tokens: [B, L-1], 0 outside the completions. `banned` tokens (never sampled:
+    a VLM's media placeholders) are masked out, as the sampler did."""
+    positions = batch.completion_positions
+    logits = model(**batch.model_inputs()).logits.float() / temperature  # [B, K, V]
     if banned:
         logits[..., list(banned)] = float("-inf")
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
-    if banned:
-        logprobs = logprobs.masked_fill(batch.completion_mask == 0, 0.0)
-    return logprobs
+    targets = batch.input_ids[:, 1:][:, positions].unsqueeze(-1)
+    kept = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    logprobs = kept.new_zeros(batch.completion_mask.shape)
+    logprobs[:, positions] = kept
+    # Another row's completion position may be this row's prompt (a banned placeholder: -inf).
+    return logprobs.masked_fill(batch.completion_mask == 0, 0.0)
 
 
 def sharding_options(config: GantryConfig) -> ShardingOptions:

@@ -30,6 +30,7 @@ def assert_same(a, b) -> None:
         assert torch.equal(x.input_ids, y.input_ids)
         assert torch.equal(x.attention_mask, y.attention_mask)
         assert torch.equal(x.targets, y.targets)
+        assert torch.equal(x.label_positions, y.label_positions)
         assert x.vision.keys() == y.vision.keys()
         for key in x.vision:
             assert torch.equal(x.vision[key], y.vision[key])
@@ -47,9 +48,12 @@ def test_workers_give_the_inline_micro_batches_for_text(tiny_llm):
         steps.prepare(share)
         assert steps.ahead is not None and len(steps.ahead[1]) == 2  # 3 micro-batches, 2 procs
         ahead, truncated = steps.take(share)
-        inline, inline_truncated = steps.inline.micro_batches(steps.chunks(share))
+        inline, inline_truncated = steps.encode_inline(share)
         assert_same(ahead, inline)
         assert [b.input_ids.shape[0] for b in ahead] == [3, 3, 1]
+        # Each worker's part is grouped by length: part one (6 samples) pads the least.
+        lengths = [int(n) for b in ahead[:2] for n in b.attention_mask.sum(1)]
+        assert lengths == sorted(lengths)
         assert truncated == inline_truncated == 1
         # A share other than the announced one is encoded inline, the announced one dropped.
         steps.prepare([1, 2])
