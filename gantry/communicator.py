@@ -42,8 +42,9 @@ CANCELLED = "called-off"
 
 
 class SyncCancelled(RuntimeError):
-    """The controller called the sync off (a member died); nothing was sent, nobody's weights
-    changed."""
+    """The controller called the sync off (a member died). Called off in the check-in,
+    nothing was sent; during the transfer, a receiver may hold part of the new weights, and
+    the controller's next sync (without the dead member) sends them all again."""
 
 
 class SyncStalled(RuntimeError):
@@ -311,7 +312,7 @@ def check_in(
     A member that died never arrives: the controller then calls the sync off, which a
     sender learns from `called_off` (it polls the control plane) and tells the others through
     the store; every member then raises SyncCancelled instead of waiting out the timeout."""
-    prefix = f"{plan.group}/v{version}/"
+    prefix = _sync_prefix(plan, version)
     store.set(prefix + me, "1")
     names = member_names(plan, senders)
     keys, cancelled = [prefix + n for n in names], prefix + CANCELLED
@@ -340,6 +341,20 @@ def check_in(
                 f"weight sync v{version} ({plan.group}): {', '.join(missing)} did not arrive "
                 f"within {plan.timeout_s:.0f}s (rollout.weight_sync_timeout); {me} gave up"
             )
+
+
+def _sync_prefix(plan: SyncPlan, version: int) -> str:
+    return f"{plan.group}/v{version}/"
+
+
+def call_off(store: dist.Store, plan: SyncPlan, version: int) -> None:
+    """Tell every member of the sync, through the store, that it was called off: members in the
+    check-in or in the transfer raise SyncCancelled at their next look."""
+    store.set(_sync_prefix(plan, version) + CANCELLED, "1")
+
+
+def is_called_off(store: dist.Store, plan: SyncPlan, version: int) -> bool:
+    return store.check([_sync_prefix(plan, version) + CANCELLED])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,17 +395,32 @@ class Sender:
             group = self.groups[plan.group] = create_group(
                 self.store, prefix, 0, world, plan.timeout_s
             )
+
+        def cancelled() -> bool:
+            if called_off is not None and called_off():
+                call_off(self.store, plan, version)
+            return is_called_off(self.store, plan, version)
+
         in_flight: deque[list[dist.Work]] = deque()
         sent = 0
-        for i, bucket in enumerate(self.manifest.buckets):
-            if len(in_flight) == PIPELINE_DEPTH:  # the arena of bucket i - DEPTH is free again
-                _wait(in_flight.popleft())
-            tensors = self._outgoing(bucket, self.arenas[i % PIPELINE_DEPTH], local_rows)
-            in_flight.append([group.broadcast(t) for t in tensors])
-            sent += sum(t.numel() * t.element_size() for t in tensors)
-        while in_flight:
-            _wait(in_flight.popleft())
+        try:
+            for i, bucket in enumerate(self.manifest.buckets):
+                if len(in_flight) == PIPELINE_DEPTH:  # the arena of bucket i - DEPTH is free
+                    _wait(in_flight.popleft(), cancelled, version)
+                tensors = self._outgoing(bucket, self.arenas[i % PIPELINE_DEPTH], local_rows)
+                in_flight.append([group.broadcast(t) for t in tensors])
+                sent += sum(t.numel() * t.element_size() for t in tensors)
+            while in_flight:
+                _wait(in_flight.popleft(), cancelled, version)
+        except SyncCancelled:
+            # Broadcasts left behind may still read these buffers: the next sync gets new ones.
+            self.arenas = [Arena(_device()) for _ in range(PIPELINE_DEPTH)]
+            raise
         return SendStats(sent, arrived - started, time.perf_counter() - arrived)
+
+    def call_off(self, plan: SyncPlan, version: int) -> None:
+        """Release the receivers of a transfer that broke (see `call_off`)."""
+        call_off(self.store, plan, version)
 
     def _outgoing(
         self,
@@ -422,9 +452,23 @@ class Sender:
         return out
 
 
-def _wait(works: list[dist.Work]) -> None:
+def _wait(works: list[dist.Work], cancelled: Callable[[], bool], version: int) -> None:
+    """Until `works` are done, or SyncCancelled once `cancelled()` says the sync was called off:
+    when a member dies mid-transfer, a survivor's broadcast may wait on data that never comes
+    until the group's timeout (rollout.weight_sync_timeout)."""
+    pause, next_look = 0.0001, time.monotonic() + CALLED_OFF_POLL_S
+    while not all(work.is_completed() for work in works):
+        time.sleep(pause)
+        pause = min(2 * pause, 0.005)
+        if time.monotonic() >= next_look:
+            next_look = time.monotonic() + CALLED_OFF_POLL_S
+            if cancelled():
+                raise SyncCancelled(
+                    f"weight sync v{version} was called off by the controller during the "
+                    "transfer: a member left the run"
+                )
     for work in works:
-        work.wait()
+        work.wait()  # raises what a failed broadcast raised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +496,12 @@ class Receiver:
         pending = deque(self._post(groups, i) for i in range(min(PIPELINE_DEPTH, len(buckets))))
         for i, bucket in enumerate(buckets):
             works, full, staging = pending.popleft()
-            _wait(works)
+            try:
+                _wait(works, lambda: is_called_off(self.store, plan, version), version)
+            except SyncCancelled:
+                # The abandoned receives may still write into these buffers: take new ones.
+                self.arenas = [Arena(self.device) for _ in range(PIPELINE_DEPTH)]
+                raise
             _unpack(bucket, full, staging)
             yield [
                 (e.name, full[off : off + e.numel].view(e.shape))

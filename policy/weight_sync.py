@@ -125,6 +125,12 @@ class PolicySender:
         self.sending = threading.Thread(target=run, name=f"weight-sync-v{version}", daemon=True)
         self.sending.start()
 
+    def call_off(self, plan: SyncPlan, version: int) -> None:
+        """Release the receivers of a transfer that broke off (a no-op on ranks that are not
+        senders, or that never connected)."""
+        if self.sender is not None:
+            self.sender.call_off(plan, version)
+
     def wait(self) -> None:
         """Until the sync in flight (if any) is over."""
         if self.sending is not None:

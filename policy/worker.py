@@ -224,7 +224,10 @@ class PolicyWorker:
             log.warning("%s", error)
         elif error is not None and self._called_off_soon(command):
             # A member died during the transfer itself: the controller calls the sync off once
-            # it hears (from that replica's launcher, or its heartbeat); nobody's weights moved.
+            # it hears (from that replica's launcher, or its heartbeat). The receivers still
+            # waiting in the broken broadcast are released through the store, and the
+            # controller's next sync sends every weight again.
+            self.weights.call_off(command.plan, command.version)
             log.warning(
                 "weight sync v%d broke off, a member left the run: %s", command.version, error
             )

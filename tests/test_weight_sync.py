@@ -252,3 +252,40 @@ def test_a_called_off_sync_releases_every_waiting_member_long_before_the_timeout
         communicator.check_in(store, plan, 1, "policy sender 0", 2, called_off.is_set)
     waiting.join(timeout=10)
     assert len(errors) == 1 and time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(60)
+def test_a_transfer_called_off_midway_releases_a_receiver_left_waiting():
+    """A member died after the check-in: a survivor's broadcast waits for data that never
+    comes. Once the sync is called off (the sender writes it to the store) the survivor gives
+    up with SyncCancelled at its next look, not after the 300 s group timeout."""
+    port = free_port()
+    store = communicator.connect_store("127.0.0.1", port, host_it=True, timeout_s=10)
+    plan = make_plan(port, {"0": 1}, "t/midway", timeout_s=300)
+    entries = [ManifestEntry("w", (64, 4), "float32", (64,))]
+    manifest = Manifest(entries, senders=1, bucket_bytes=1 << 20, direct_min_bytes=1 << 20)
+    outcome = []
+
+    def survivor():
+        client = communicator.connect_store("127.0.0.1", port, host_it=False, timeout_s=10)
+        receiver = communicator.Receiver(manifest, client, "cpu")
+        try:
+            for _ in receiver.receive(plan, 3, "0", 0):
+                outcome.append("received")
+        except SyncCancelled as exc:
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=survivor)
+    waiting.start()
+    # The sender checks in and joins the group, then never broadcasts (stuck on a dead peer).
+    communicator.check_in(store, plan, 1, communicator.sender_name(0), 3)
+    group = communicator.create_group(store, f"{plan.group}/from0", 0, 2, plan.timeout_s)
+    time.sleep(1.0)
+    assert waiting.is_alive() and not outcome  # still waiting in the broadcast
+    started = time.monotonic()
+    communicator.call_off(store, plan, 3)
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and time.monotonic() - started < 5
+    assert len(outcome) == 1 and isinstance(outcome[0], SyncCancelled)
+    assert "during the transfer" in str(outcome[0])
+    del group
