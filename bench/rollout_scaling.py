@@ -12,8 +12,9 @@ run's metrics.jsonl, over the steps after the first `--skip` (engine start-up an
 syncs): step time = wall-clock seconds between step records / steps; the policy's busy time =
 the sum of its `policy_seconds` (inside `trainer.step`); idle fraction = 1 - busy / wall: the
 share of the time the policy waits for rollouts (and weight syncs). Goal: the idle fraction
-falls as replicas are added. On a CPU machine the replicas and the policy share the same cores,
-which bounds what a second replica can add; the CPU count is printed.
+falls as replicas are added. On a CPU machine the launcher splits the cores among the rollout
+replicas (gantry.nodes.with_cpu_shares) and the policy shares them; the CPU count is printed.
+--no-joiner leaves the late-replica run out.
 
 Then one more run with one replica: after step `--skip`, the bench starts `python -m rollout
 --run-dir RUN --replica 9` and reports, from the controller's record of that replica in
@@ -47,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", default="transformers", choices=("transformers", "vllm"))
     parser.add_argument("--skip", type=int, default=3, help="first steps left out")
     parser.add_argument("--joiner-only", action="store_true", help="only the late replica")
+    parser.add_argument("--no-joiner", action="store_true", help="leave the late replica out")
     parser.add_argument("--work-dir", default="/tmp/gantry-bench-scaling")
     parser.add_argument("overrides", nargs="*", help="more config overrides")
     return parser.parse_args()
@@ -167,6 +169,8 @@ def main() -> None:
     work = Path(args.work_dir)
     if not args.joiner_only:
         compare(args, [int(c) for c in args.replicas.split(",")], work)
+    if args.no_joiner:
+        return
     out = work / "joiner"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)

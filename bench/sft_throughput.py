@@ -28,7 +28,10 @@ of the assistant tokens over the whole step. Sides:
             --workers encoder processes (train.train_policy.dataloader_num_workers, default 1),
             the next step's while the current one trains, as the policy worker does with the
             controller's `SFTBatch.next_indices`; --workers 0 encodes inline. Its first step
-            encodes inline (a warm-up step).
+            encodes inline (a warm-up step). Each encoder part groups the step's
+            conversations by length before cutting micro-batches (less padding), and the
+            model computes logits at the assistant positions only (`logits_to_keep`): the
+            same loss with less work, which the baseline's plain loop does not do.
 A step's tokens are the non-pad tokens of its conversations: the same count on both sides
 (checked every step). Both sides run --warmup steps first (untimed), then --rounds rounds of
 --steps steps each, the sides alternating which goes first; each round is timed as a whole

@@ -26,7 +26,7 @@ from pathlib import Path
 from gantry import checkpoints
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
 from gantry.multinode import Cluster, join_run, publish_run
-from gantry.nodes import NodePlanError, Placed
+from gantry.nodes import NodePlanError, Placed, with_cpu_shares
 from gantry.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
 from gantry.plugin import DatasetScriptError, load_dataset_script
 from gantry.processes import ProcessGroupSupervisor
@@ -245,6 +245,7 @@ def run_processes(
     restart = ControllerRestarts(config.fault_tolerance.max_controller_restarts)
 
     supervisor = ProcessGroupSupervisor(run_dir / "logs")
+    placed = with_cpu_shares(placed, sorted(os.sched_getaffinity(0)))
     try:
         for process in placed:
             supervisor.start(process.name, process_command(config, info, process), process.env)
@@ -304,7 +305,8 @@ def process_command(config, info: RunInfo, process: Placed) -> list[str]:
     if process.role == "controller":
         return ["-m", "controller", *run_dir]
     if process.role == "rollout":
-        return ["-m", "rollout", *run_dir, "--replica", str(process.replica)]
+        cpus = ["--cpus", ",".join(map(str, process.cpus))] if process.cpus else []
+        return ["-m", "rollout", *run_dir, "--replica", str(process.replica), *cpus]
     parallel = config.policy.parallelism
     host, port = info.policy_master.rsplit(":", 1)
     return [

@@ -6,7 +6,11 @@ its own part. Node 0 runs the controller. A GRPO run puts the policy replicas on
 trains on every node. Replicas are spread evenly, whole: a policy replica (a torchrun agent of
 `ranks_per_replica` local ranks) or a rollout replica (a vLLM engine over `tp_size` GPUs) never
 spans two nodes in this version. On a node with GPUs each process gets its own contiguous
-devices (CUDA_VISIBLE_DEVICES): the policy's first, then the rollout replicas'.
+devices (CUDA_VISIBLE_DEVICES): the policy's first, then the rollout replicas'. On a node
+without GPUs the rollout replicas split the node's CPU cores instead (`with_cpu_shares`, at
+launch, from the cores that node's launcher may use): each engine computes on its own cores,
+rather than every engine running a thread per core on all of them (a thread pool per engine
+on the same cores made two replicas on 2 cores 5x slower than one).
 
     plan = node_plan(config, nnodes=4, policy_nodes=0, gpus_per_node=8)
     plan[2]  # [Placed("rollout0", "rollout", 0, (0, 1)), Placed("rollout1", "rollout", 1, (2, 3)), ...]
@@ -17,7 +21,7 @@ Imports no torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from gantry.config import GantryConfig
@@ -35,6 +39,7 @@ class Placed:
     role: Literal["controller", "policy", "rollout"]
     replica: int
     gpus: tuple[int, ...] = ()  # this node's devices it may use (CUDA_VISIBLE_DEVICES)
+    cpus: tuple[int, ...] = ()  # a CPU node's cores it computes on (rollout replicas only)
 
     @property
     def env(self) -> dict[str, str]:
@@ -116,3 +121,20 @@ def _with_gpus(
         placed.append(Placed(f"{role}{replica}", role, replica, devices))
         first += size
     return placed
+
+
+def with_cpu_shares(placed: list[Placed], cores: list[int]) -> list[Placed]:
+    """`placed` with the CPU cores of a node without GPUs split among its rollout replicas:
+    contiguous, even shares (a replica's TP workers split its share again); more replicas
+    than cores share cores round-robin. The policy and controller are not pinned: the
+    policy's threads follow its ranks (policy.worker), and it trains while replicas wait."""
+    rollouts = [p for p in placed if p.role == "rollout"]
+    if not rollouts or any(p.gpus for p in placed) or not cores:
+        return placed
+    if len(rollouts) > len(cores):
+        shares = [(cores[i % len(cores)],) for i in range(len(rollouts))]
+    else:
+        size = len(cores) // len(rollouts)
+        shares = [tuple(cores[i * size : (i + 1) * size]) for i in range(len(rollouts))]
+    by_name = {p.name: share for p, share in zip(rollouts, shares, strict=True)}
+    return [replace(p, cpus=by_name[p.name]) if p.name in by_name else p for p in placed]

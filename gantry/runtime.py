@@ -78,7 +78,29 @@ def parse_worker_args(role: str, description: str) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="run directory made by the launcher")
     if role != "controller":
         parser.add_argument("--replica", default="0", help="replica id of this worker")
+    if role == "rollout":
+        parser.add_argument(
+            "--cpus",
+            type=_core_list,
+            default=None,
+            help="CPU cores to compute on, e.g. 0,1 (the launcher splits a CPU node's cores "
+            "among its rollout replicas); default: all this process may use",
+        )
     return parser.parse_args()
+
+
+def _core_list(text: str) -> set[int]:
+    try:
+        cores = {int(core) for core in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cpus {text!r}: give core numbers like 0,1") from None
+    usable = os.sched_getaffinity(0)
+    if not cores <= usable:
+        raise argparse.ArgumentTypeError(
+            f"--cpus {text}: cores {sorted(cores - usable)} are not among the cores this "
+            f"process may use ({','.join(map(str, sorted(usable)))})"
+        )
+    return cores
 
 
 def load_run(run_dir: str) -> tuple[GantryConfig, RunInfo]:

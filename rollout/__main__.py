@@ -7,6 +7,9 @@ from gantry.runtime import load_run, parse_worker_args, run_worker, setup_loggin
 
 def main() -> None:
     args = parse_worker_args("rollout", "Gantry rollout (generator) process")
+    if args.cpus:
+        # Before torch loads: its thread pool (and vLLM's CPU binding) size to these cores.
+        os.sched_setaffinity(0, args.cpus)
     setup_logging("rollout")
     # vLLM logs every request batch and cache reset at INFO; its warnings and errors remain.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

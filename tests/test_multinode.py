@@ -18,9 +18,10 @@ import pytest
 import redis
 
 from gantry.config import load_config
-from gantry.launcher import main
-from gantry.nodes import NodePlanError, Placed, node_plan
+from gantry.launcher import main, process_command
+from gantry.nodes import NodePlanError, Placed, node_plan, with_cpu_shares
 from gantry.redis_server import free_port
+from gantry.runtime import RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ["--config", "configs/quickstart-grpo.toml", "datasets/arithmetic.py"]
@@ -46,6 +47,39 @@ def test_one_node_runs_everything_and_splits_its_gpus():
     assert node[1].env == {"CUDA_VISIBLE_DEVICES": "0,1"} and node[0].env == {}
     (cpu,) = node_plan(cfg, 1)
     assert all(p.gpus == () for p in cpu)
+
+
+def test_rollout_replicas_of_a_cpu_node_split_its_cores():
+    cfg = config("rollout.parallelism.n_init_replicas=2")
+    (node,) = node_plan(cfg, 1)
+    shared = with_cpu_shares(node, [0, 1, 2, 3, 4])
+    assert [(p.name, p.cpus) for p in shared] == [
+        ("controller", ()), ("policy0", ()), ("rollout0", (0, 1)), ("rollout1", (2, 3)),
+    ]  # fmt: skip
+    (one,) = node_plan(config(), 1)
+    assert with_cpu_shares(one, [0, 1])[-1].cpus == (0, 1)
+    (three,) = node_plan(config("rollout.parallelism.n_init_replicas=3"), 1)
+    assert [p.cpus for p in with_cpu_shares(three, [0, 1])[2:]] == [(0,), (1,), (0,)]
+    (gpu,) = node_plan(cfg, 1, gpus_per_node=4)
+    assert with_cpu_shares(gpu, [0, 1, 2, 3]) == gpu  # GPU nodes: devices, not cores
+    info = RunInfo(
+        run_id="r", run_dir="/tmp/r", redis_url="redis://127.0.0.1:1", dataset_script="d.py",
+        dataset_size=1, model_path="m", policy_master="127.0.0.1:2",
+    )  # fmt: skip
+    assert process_command(cfg, info, shared[3])[-2:] == ["--cpus", "2,3"]
+    assert "--cpus" not in process_command(cfg, info, node[2])
+
+
+def test_a_rollout_worker_refuses_cores_it_may_not_use():
+    usable = sorted(os.sched_getaffinity(0))
+    result = subprocess.run(
+        [sys.executable, "-m", "rollout", "--run-dir", "x", "--cpus", f"{usable[-1] + 1}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"are not among the cores this process may use ({','.join(map(str, usable))})" in (
+        result.stderr
+    )
 
 
 def test_grpo_nodes_split_between_policy_and_rollout():
