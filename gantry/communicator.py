@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -242,6 +243,12 @@ class Arena:
         return self.buffer[start : start + nbytes].view(dtype)
 
 
+def pipeline_arenas(device: torch.device | str) -> list[Arena]:
+    """One arena per bucket in flight. A side takes new ones after a called-off transfer: the
+    broadcasts it abandoned may still read or write the old ones."""
+    return [Arena(device) for _ in range(PIPELINE_DEPTH)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Process groups
 
@@ -374,7 +381,7 @@ class Sender:
     def __init__(self, manifest: Manifest, sender: int, store: dist.Store) -> None:
         self.manifest, self.sender, self.store = manifest, sender, store
         self.groups: dict[str, SyncGroup] = {}
-        self.arenas = [Arena(_device()) for _ in range(PIPELINE_DEPTH)]
+        self.arenas = pipeline_arenas(_device())
 
     def send(
         self,
@@ -413,8 +420,7 @@ class Sender:
             while in_flight:
                 _wait(in_flight.popleft(), cancelled, version)
         except SyncCancelled:
-            # Broadcasts left behind may still read these buffers: the next sync gets new ones.
-            self.arenas = [Arena(_device()) for _ in range(PIPELINE_DEPTH)]
+            self.arenas = pipeline_arenas(_device())  # the abandoned broadcasts keep the old
             raise
         return SendStats(sent, arrived - started, time.perf_counter() - arrived)
 
@@ -455,18 +461,18 @@ class Sender:
 def _wait(works: list[dist.Work], cancelled: Callable[[], bool], version: int) -> None:
     """Until `works` are done, or SyncCancelled once `cancelled()` says the sync was called off:
     when a member dies mid-transfer, a survivor's broadcast may wait on data that never comes
-    until the group's timeout (rollout.weight_sync_timeout)."""
-    pause, next_look = 0.0001, time.monotonic() + CALLED_OFF_POLL_S
-    while not all(work.is_completed() for work in works):
-        time.sleep(pause)
-        pause = min(2 * pause, 0.005)
-        if time.monotonic() >= next_look:
-            next_look = time.monotonic() + CALLED_OFF_POLL_S
-            if cancelled():
-                raise SyncCancelled(
-                    f"weight sync v{version} was called off by the controller during the "
-                    "transfer: a member left the run"
-                )
+    until the group's timeout (rollout.weight_sync_timeout). Woken by the works' completion,
+    not by polling them, so a finished transfer costs no extra latency."""
+    done = threading.Event()
+    torch.futures.collect_all([w.get_future() for w in works]).add_done_callback(
+        lambda _: done.set()
+    )
+    while not done.wait(CALLED_OFF_POLL_S):
+        if cancelled():
+            raise SyncCancelled(
+                f"weight sync v{version} was called off by the controller during the "
+                "transfer: a member left the run"
+            )
     for work in works:
         work.wait()  # raises what a failed broadcast raised
 
@@ -481,7 +487,7 @@ class Receiver:
     def __init__(self, manifest: Manifest, store: dist.Store, device: torch.device | str) -> None:
         self.manifest, self.store, self.device = manifest, store, torch.device(device)
         self.groups: dict[str, list[SyncGroup]] = {}
-        self.arenas = [Arena(self.device) for _ in range(PIPELINE_DEPTH)]
+        self.arenas = pipeline_arenas(self.device)
 
     def receive(
         self, plan: SyncPlan, version: int, replica: str, tp_rank: int
@@ -499,8 +505,7 @@ class Receiver:
             try:
                 _wait(works, lambda: is_called_off(self.store, plan, version), version)
             except SyncCancelled:
-                # The abandoned receives may still write into these buffers: take new ones.
-                self.arenas = [Arena(self.device) for _ in range(PIPELINE_DEPTH)]
+                self.arenas = pipeline_arenas(self.device)  # the abandoned receives keep the old
                 raise
             _unpack(bucket, full, staging)
             yield [

@@ -221,7 +221,8 @@ def collate(examples: list[Example], pad_token_id: int, device: torch.device) ->
         targets[i, : end - 1] = torch.where(keep, ids[1:], IGNORE)
     vision = merge_vision([e.vision for e in examples], device)
     real = torch.tensor([not e.filler for e in examples])
-    label_positions = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    trained = targets != IGNORE
+    label_positions = trained.any(dim=0).nonzero().squeeze(1)
     return MicroBatch(
         input_ids.to(device),
         attention_mask.to(device),
@@ -229,5 +230,5 @@ def collate(examples: list[Example], pad_token_id: int, device: torch.device) ->
         label_positions.to(device),
         vision,
         tokens=int(attention_mask[real].sum()),
-        assistant_tokens=int((targets != IGNORE).sum()),
+        assistant_tokens=int(trained.sum()),
     )
