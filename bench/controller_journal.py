@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from controller.controller import GROUP, Controller  # noqa: E402
+from gantry.comm.protocol import PromptTask, RolloutGroup, Sample  # noqa: E402
 from gantry.config import load_config  # noqa: E402
-from gantry.protocol import PromptTask, RolloutGroup, Sample  # noqa: E402
-from gantry.redis_server import RedisServer  # noqa: E402
-from gantry.runtime import RunInfo  # noqa: E402
+from gantry.launch.redis_server import RedisServer  # noqa: E402
+from gantry.run.runtime import RunInfo  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -73,7 +73,7 @@ def build_model_dir(path: Path, params: float) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gantry.tiny_model import build_tokenizer
+    from gantry.models.tiny import build_tokenizer
 
     def count(layers: int) -> int:
         with torch.device("meta"):

@@ -4,7 +4,7 @@ time a replica started mid-run takes to receive the weights and return its first
     .venv/bin/python bench/rollout_scaling.py [--steps 16] [--rounds 2] [--backend transformers]
         [--replicas 1,2] [--skip 3] [--work-dir /tmp/gantry-bench-scaling] [key=value ...]
 
-Each run is the real thing: `python -m gantry.launcher --config configs/quickstart-grpo.toml
+Each run is the real thing: `python -m gantry.launch --config configs/quickstart-grpo.toml
 datasets/arithmetic.py` (controller, one policy replica, N rollout replicas, embedded Redis),
 `train.max_num_steps=--steps`, logging every step, the extra `key=value` overrides last. The
 replica counts alternate within each round so that both meet the same machine load. From the
@@ -13,7 +13,7 @@ syncs): step time = wall-clock seconds between step records / steps; the policy'
 the sum of its `policy_seconds` (inside `trainer.step`); idle fraction = 1 - busy / wall: the
 share of the time the policy waits for rollouts (and weight syncs). Goal: the idle fraction
 falls as replicas are added. On a CPU machine the launcher splits the cores among the rollout
-replicas (gantry.nodes.with_cpu_shares) and the policy shares them; the CPU count is printed.
+replicas (gantry.launch.nodes.with_cpu_shares) and the policy shares them; the CPU count is printed.
 --no-joiner leaves the late-replica run out.
 
 Then one more run with one replica: after step `--skip`, the bench starts `python -m rollout
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = ["-m", "gantry.launcher", "--config", "configs/quickstart-grpo.toml"]
+LAUNCH = ["-m", "gantry.launch", "--config", "configs/quickstart-grpo.toml"]
 DATASET = "datasets/arithmetic.py"
 
 

@@ -70,10 +70,10 @@ def parse_args() -> argparse.Namespace:
 def make_run(args: argparse.Namespace, scratch: Path, redis_url: str):
     """A run directory as the launcher writes it; returns (config, info) read back from it."""
     from gantry.config import load_config, write_resolved_config
-    from gantry.launcher import resolve_model
-    from gantry.placement import resolve_parallelism
-    from gantry.plugin import load_dataset_script
-    from gantry.runtime import RunInfo, load_run
+    from gantry.data.plugin import load_dataset_script
+    from gantry.launch.launcher import resolve_model
+    from gantry.launch.placement import resolve_parallelism
+    from gantry.run.runtime import RunInfo, load_run
 
     overrides = list(args.overrides)
     if args.model:
@@ -136,7 +136,7 @@ class Controller:
     """
 
     def __init__(self, worker, tasks: list, window: int) -> None:
-        from gantry.transport import ControlPlane
+        from gantry.comm.transport import ControlPlane
 
         self.plane = ControlPlane(worker.info.redis_url)
         self.keys, self.replica = worker.keys, worker.replica
@@ -159,7 +159,7 @@ class Controller:
             self.sent += len(batch)
 
     def run(self, wait_for_register: bool) -> None:
-        from gantry.protocol import Register, Stop
+        from gantry.comm.protocol import Register, Stop
 
         try:
             while wait_for_register:  # as the controller: dispatch once the replica registered
@@ -182,7 +182,7 @@ class Controller:
 
     def tokens(self) -> dict:
         """Token ids of each result's samples, by prompt id."""
-        from gantry.protocol import decode
+        from gantry.comm.protocol import decode
 
         groups = [decode(data) for data in self.results]
         return {g.prompt_id: [s.token_ids for s in g.samples] for g in groups}
@@ -215,7 +215,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # as `python -m rollout` does
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    from gantry.redis_server import RedisServer
+    from gantry.launch.redis_server import RedisServer
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gantry-bench-rollout-") as tmp:
@@ -238,7 +238,7 @@ def main() -> None:
 
 def measure(args: argparse.Namespace, worker) -> dict:
     """Warm-up, then `args.rounds` rounds of each side in alternating order."""
-    from gantry.protocol import PromptTask
+    from gantry.comm.protocol import PromptTask
 
     size = worker.config.rollout.batch_size
     tasks = [PromptTask(prompt_id=f"0:{i}", epoch=0, index=i) for i in range(args.prompts)]

@@ -74,7 +74,7 @@ GOAL_RATIO = 1.0
 NOISY_SPREAD = 0.2
 IGNORE = -100
 SIZES = {"tiny": dict(hidden_size=128, num_layers=2), "small": dict(hidden_size=256, num_layers=4)}
-# The tiny tokenizer's corpus words (gantry.tiny_model): mostly one token each.
+# The tiny tokenizer's corpus words (gantry.models.tiny): mostly one token each.
 WORDS = (
     "what is the sum of and answer reply with only a number digit plus minus equals you are "
     "helpful question count letters word in sort reverse copy following text please think step by "
@@ -105,7 +105,7 @@ def parse_args() -> argparse.Namespace:
 
 def model_dir(work: Path, size: str, vlm: bool) -> Path:
     """The model, built once under `work` (random weights, no download)."""
-    from gantry.tiny_model import ensure_tiny_model, ensure_tiny_vlm
+    from gantry.models.tiny import ensure_tiny_model, ensure_tiny_vlm
 
     if vlm:
         return ensure_tiny_vlm(work / f"vlm-{size}", **SIZES[size])
@@ -132,7 +132,7 @@ def make_samples(args, count: int, image_dir: Path) -> list[dict]:
     if args.data == "prose":
         samples = prose_samples(count, args.seed)
     else:
-        from gantry.plugin import load_dataset_script
+        from gantry.data.plugin import load_dataset_script
 
         script = load_dataset_script(ROOT / "datasets/arithmetic.py")
         samples = script.get_dataset({"size": count, "seed": args.seed})

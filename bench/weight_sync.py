@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
 
 def model_dir(work: Path, size: str) -> Path:
     """The model of `size` under `work`, built (random weights, no download) unless cached."""
-    from gantry.tiny_model import ensure_tiny_model
+    from gantry.models.tiny import ensure_tiny_model
 
     if size == "tiny":
         return ensure_tiny_model(work / "tiny")
@@ -90,7 +90,7 @@ def model_dir(work: Path, size: str) -> Path:
 
 
 def sync_plan(port: str):
-    from gantry.protocol import Receiver, SyncPlan
+    from gantry.comm.protocol import Receiver, SyncPlan
 
     receivers = [Receiver(replica=r, ranks=1) for r in RECEIVERS]
     return SyncPlan(group="bench/sync", host="127.0.0.1", port=int(port), receivers=receivers,
@@ -109,7 +109,7 @@ class RawBroadcast:
     def _ready(self) -> None:
         import torch
 
-        from gantry.communicator import create_group
+        from gantry.comm.weights import create_group
 
         if self.group is None:
             world = 1 + len(RECEIVERS)
@@ -205,7 +205,7 @@ def collect(args, store, senders: int) -> dict:
 def receiver_worker(args) -> None:
     import torch
 
-    from gantry.communicator import Manifest, WeightReceiver
+    from gantry.comm.weights import Manifest, WeightReceiver
 
     index = RECEIVERS.index(args.replica)
     device = torch.device("cuda", POLICY_RANKS + index) if args.gpu else torch.device("cpu")
@@ -236,7 +236,7 @@ def receiver_worker(args) -> None:
 def run_size(args, model: Path, gpu: bool, env: dict) -> dict:
     """Run the receivers and the torchrun policy ranks on one model; returns rank 0's figures.
     Raises if any of them fails (the others are then stopped)."""
-    from gantry.redis_server import free_port
+    from gantry.launch.redis_server import free_port
 
     with tempfile.TemporaryDirectory(prefix="run-", dir=args.work_dir) as scratch:
         common = [
@@ -290,7 +290,7 @@ def report(args, size: str, backend: str, figures: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    from gantry.communicator import DEFAULT_BUCKET_BYTES
+    from gantry.comm.weights import DEFAULT_BUCKET_BYTES
 
     mb = args.bucket_mb
     args.bucket_bytes = int(mb * 2**20) if mb is not None else DEFAULT_BUCKET_BYTES

@@ -2,7 +2,7 @@
 
 import sys
 
-from gantry.runtime import EXIT_RUN_FAILED, load_run, parse_worker_args, setup_logging
+from gantry.run.runtime import EXIT_RUN_FAILED, load_run, parse_worker_args, setup_logging
 
 
 def main() -> None:

@@ -17,9 +17,7 @@ from pathlib import Path
 from controller import journal
 from controller.fleet import RolloutFleet
 from controller.scheduler import PromptQueue, RolloutBuffer, task_of
-from gantry import checkpoints
-from gantry.config import GantryConfig
-from gantry.protocol import (
+from gantry.comm.protocol import (
     Checkpoint,
     CheckpointSaved,
     Export,
@@ -35,9 +33,11 @@ from gantry.protocol import (
     WorkerFailed,
     prompt_id_parts,
 )
-from gantry.redis_server import free_port
-from gantry.runtime import RunInfo, groups_per_step, planned_steps
-from gantry.transport import ControlPlane, Delivery
+from gantry.comm.transport import ControlPlane, Delivery
+from gantry.config import GantryConfig
+from gantry.launch.redis_server import free_port
+from gantry.run import checkpoints
+from gantry.run.runtime import RunInfo, groups_per_step, planned_steps
 
 log = logging.getLogger("gantry.controller")
 GROUP = "controller"

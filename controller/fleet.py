@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gantry.protocol import Receiver, SyncPlan
+from gantry.comm.protocol import Receiver, SyncPlan
 
 
 @dataclass

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gantry.protocol import Keys
-from gantry.transport import ControlPlane, Delivery, entry_fields
+from gantry.comm.protocol import Keys
+from gantry.comm.transport import ControlPlane, Delivery, entry_fields
 
 
 class Outbox:

@@ -12,7 +12,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from gantry.protocol import PromptTask, RolloutGroup, prompt_id_parts
+from gantry.comm.protocol import PromptTask, RolloutGroup, prompt_id_parts
 
 
 def task_of(prompt_id: str) -> PromptTask:

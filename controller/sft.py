@@ -17,9 +17,9 @@ from pathlib import Path
 
 from controller import journal
 from controller.controller import GROUP, Controller
+from gantry.comm.protocol import SFTBatch, StepDone, Validate, ValidationDone
 from gantry.config import GantryConfig
-from gantry.protocol import SFTBatch, StepDone, Validate, ValidationDone
-from gantry.runtime import RunInfo
+from gantry.run.runtime import RunInfo
 
 log = logging.getLogger("gantry.controller")
 

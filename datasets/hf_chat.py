@@ -46,7 +46,7 @@ from pathlib import Path
 import datasets
 from pydantic import Field
 
-from gantry.chat_data import (
+from gantry.data.chat import (
     BadDatasetConfig,
     DatasetSettings,
     VisionSettings,

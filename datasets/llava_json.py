@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from gantry.chat_data import (
+from gantry.data.chat import (
     BadDatasetConfig,
     DatasetSettings,
     VisionSettings,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from gantry.chat_data import (
+from gantry.data.chat import (
     BAD_CONVERSATION_FILE,
     BadDatasetConfig,
     DatasetSettings,

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from gantry.runtime import load_run, parse_worker_args, run_worker, setup_logging
+from gantry.run.runtime import load_run, parse_worker_args, run_worker, setup_logging
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ What is on disk, in `<run>/checkpoints/step_N/policy/` (the path given to `save`
                         rank 0 once the save is durable on all ranks. `load` refuses a
                         directory without it.
 The controller then writes controller.json and COMPLETE next to `policy/`
-(gantry.checkpoints.mark_complete); resume only from `latest_complete(...) / "policy"`.
+(gantry.run.checkpoints.mark_complete); resume only from `latest_complete(...) / "policy"`.
 
 When each of them exists:
 - sync (`async_mode=False`): `save` returns when all ranks' files, .metadata and DONE are on
@@ -74,7 +74,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-from gantry.checkpoints import COMPLETE, is_complete, write_json_atomic
+from gantry.run.checkpoints import COMPLETE, is_complete, write_json_atomic
 
 log = logging.getLogger("gantry.policy")
 
@@ -103,7 +103,7 @@ def read_done(path: Path) -> dict:
         raise CheckpointError(
             f"{path} is not a finished policy checkpoint (no {DONE} marker): its save was "
             "interrupted or it is not a checkpoint's policy/ directory. Resume from "
-            "gantry.checkpoints.latest_complete(<run>/checkpoints) / 'policy', which only "
+            "gantry.run.checkpoints.latest_complete(<run>/checkpoints) / 'policy', which only "
             f"returns checkpoints with {COMPLETE}"
         )
     return json.loads(marker.read_text())
@@ -268,7 +268,7 @@ class PolicyCheckpointer:
         if is_complete(path.parent):
             raise CheckpointError(
                 f"refusing to save into {path}: {path.parent} is a complete checkpoint; "
-                "each step gets its own directory (gantry.checkpoints.step_dir)"
+                "each step gets its own directory (gantry.run.checkpoints.step_dir)"
             )
         json.dumps(extra)  # fail here, on the caller's side, if `extra` is not JSON-able
         self._finish_inflight()

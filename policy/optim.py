@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from gantry.config import TrainConfig
+from gantry.config.schema import TrainConfig
 
 
 def build_optimizer(

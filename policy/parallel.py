@@ -41,7 +41,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PreTrainedModel
 
-from gantry.models import auto_model_class
+from gantry.models.loading import auto_model_class
 
 log = logging.getLogger("gantry.policy")
 DEFAULT_TIMEOUT_S = 1800.0

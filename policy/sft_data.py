@@ -10,7 +10,7 @@ with the generation prompt, must be a prefix of the whole text (true of ChatML a
 templates; a template that rewrites earlier turns is reported).
 
 For a vision-language model the processor (image processor + tokenizer + chat template) turns
-the text and the media loaded by `gantry.media` into ids in which each image / video placeholder
+the text and the media loaded by `gantry.data.media` into ids in which each image / video placeholder
 is expanded to its patch tokens; the mask is expanded with it (those tokens are never trained).
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from gantry.media import has_media, load_media
-from gantry.models import load_text_front_end
+from gantry.data.media import has_media, load_media
+from gantry.models.loading import load_text_front_end
 from policy.vision import VisionInputs, merge_vision, missing_kinds
 
 IGNORE = -100

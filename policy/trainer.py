@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from gantry.comm.protocol import RolloutGroup, prompt_id_parts
 from gantry.config import GantryConfig
-from gantry.media import has_media
-from gantry.models import is_vision_language, media_token_ids
-from gantry.plugin import prompt_messages
-from gantry.protocol import RolloutGroup, prompt_id_parts
+from gantry.data.media import has_media
+from gantry.data.plugin import prompt_messages
+from gantry.models.loading import is_vision_language, media_token_ids
 from policy.export import tied_weight_names
 from policy.grpo import group_advantages, grpo_loss
 from policy.optim import build_optimizer, build_scheduler

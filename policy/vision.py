@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gantry.media import load_media
+from gantry.data.media import load_media
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 # The processor output whose presence says a row has images / videos.

@@ -17,9 +17,9 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from gantry import communicator
-from gantry.communicator import Manifest, ManifestEntry
-from gantry.protocol import SyncPlan
+from gantry.comm import weights as communicator
+from gantry.comm.protocol import SyncPlan
+from gantry.comm.weights import Manifest, ManifestEntry
 
 
 def shard_position(mesh: DeviceMesh) -> tuple[int, int, bool]:

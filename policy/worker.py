@@ -19,13 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gantry.checkpoints import prune_step_dirs, step_of
-from gantry.communicator import SyncCancelled
-from gantry.config import GantryConfig
-from gantry.models import is_vision_language
-from gantry.placement import rollout_dtype
-from gantry.plugin import load_dataset_script
-from gantry.protocol import (
+from gantry.comm.protocol import (
     Checkpoint,
     CheckpointSaved,
     Export,
@@ -40,8 +34,14 @@ from gantry.protocol import (
     Validate,
     ValidationDone,
 )
-from gantry.runtime import Heartbeat, RunInfo, host_name, planned_steps
-from gantry.transport import ControlPlane
+from gantry.comm.transport import ControlPlane
+from gantry.comm.weights import SyncCancelled
+from gantry.config import GantryConfig
+from gantry.data.plugin import load_dataset_script
+from gantry.launch.placement import rollout_dtype
+from gantry.models.loading import is_vision_language
+from gantry.run.checkpoints import prune_step_dirs, step_of
+from gantry.run.runtime import Heartbeat, RunInfo, host_name, planned_steps
 from policy.checkpoint import PolicyCheckpointer
 from policy.export import export_hf
 from policy.parallel import ParallelDims, build_mesh, init_distributed

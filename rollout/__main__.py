@@ -2,7 +2,7 @@
 
 import os
 
-from gantry.runtime import load_run, parse_worker_args, run_worker, setup_logging
+from gantry.run.runtime import load_run, parse_worker_args, run_worker, setup_logging
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from gantry.protocol import SyncPlan
+    from gantry.comm.protocol import SyncPlan
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SamplingSettings:
 @dataclass
 class MultimodalPrompt:
     """A prompt with images or videos: chat-templated text with one placeholder per item, and
-    the items loaded by `gantry.media.load_media` (a `LoadedMedia`)."""
+    the items loaded by `gantry.data.media.load_media` (a `LoadedMedia`)."""
 
     text: str
     media: Any

@@ -7,7 +7,7 @@ It loads the config and the dataset script as a run does (the script's get_val_d
 get_dataset with --split train), builds each sample's prompt (the messages before its last
 assistant turn, with images and videos for a VLM), generates with the config's rollout engine
 (vLLM by default; greedy unless --temperature is given), and scores each prediction against the
-sample's `answer` with `gantry.scoring`: exact and normalised match, multiple choice, numeric
+sample's `answer` with `gantry.data.scoring`: exact and normalised match, multiple choice, numeric
 error, per `category`. The JSON report (summary + every record) goes to --out, and the table is
 printed. Progress is shown every batch.
 """
@@ -105,8 +105,8 @@ def generate_all(engine, builder, samples, indices, sampling, batch_size: int, s
 
 def evaluate(args: argparse.Namespace) -> dict:
     from gantry.config import load_config
-    from gantry.plugin import load_dataset_script
-    from gantry.scoring import format_table, summarize, write_report
+    from gantry.data.plugin import load_dataset_script
+    from gantry.data.scoring import format_table, summarize, write_report
     from rollout.engine import SamplingSettings
     from rollout.prompts import PromptBuilder
     from rollout.worker import make_engine
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from gantry.config import ConfigError
-    from gantry.plugin import DatasetScriptError
+    from gantry.data.plugin import DatasetScriptError
 
     if problem := model_problem(args.model):
         print(f"error: {problem}", file=sys.stderr)

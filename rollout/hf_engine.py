@@ -24,9 +24,9 @@ from collections.abc import Iterable
 import torch
 from transformers import GenerationConfig
 
-from gantry.communicator import WeightReceiver
-from gantry.models import load_pretrained
-from gantry.protocol import SyncPlan
+from gantry.comm.protocol import SyncPlan
+from gantry.comm.weights import WeightReceiver
+from gantry.models.loading import load_pretrained
 from rollout.engine import Completion, EnginePrompt, MultimodalPrompt, SamplingSettings
 
 

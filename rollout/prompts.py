@@ -2,7 +2,7 @@
 
 A text-only prompt is its token ids (one tokenizer call per batch). A prompt with media is a
 `MultimodalPrompt`: the chat-templated text with one placeholder per image / video and the
-media loaded by `gantry.media` (resized and frame-sampled once, here); vLLM expands the
+media loaded by `gantry.data.media` (resized and frame-sampled once, here); vLLM expands the
 placeholders to patch tokens itself, and the transformers engine through the processor. The
 engine reports the ids the model saw (placeholders expanded) with each completion, which is
 what the policy trains on.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from gantry.media import has_media, load_media
-from gantry.models import is_vision_language, load_text_front_end, media_token_ids
-from gantry.plugin import prompt_messages
+from gantry.data.media import has_media, load_media
+from gantry.data.plugin import prompt_messages
+from gantry.models.loading import is_vision_language, load_text_front_end, media_token_ids
 from rollout.engine import EnginePrompt, MultimodalPrompt
 
 

@@ -18,7 +18,7 @@ Conventions (shared with `rollout.hf_engine.HFEngine`):
   sample `seed + i * n + j`, so every sample of a batch has its own seed.
 
 A weight sync reaches every worker directly: `gantry_receive_weights` runs in each TP worker,
-which joins the sync's process groups (`gantry.communicator`) and loads each bucket as it
+which joins the sync's process groups (`gantry.comm.weights`) and loads each bucket as it
 arrives. Weights handed over by the caller (`load_weights`, for tests and tools) go through
 the worker extension in three RPCs (begin, chunks, finish) around
 vLLM's layerwise reload: `model.load_weights` alone fails on the CPU build, whose linear
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from gantry.communicator import WeightReceiver
-from gantry.protocol import SyncPlan
+from gantry.comm.protocol import SyncPlan
+from gantry.comm.weights import WeightReceiver
 from rollout.engine import Completion, EnginePrompt, MultimodalPrompt, SamplingSettings
 
 # Default KV-cache size on the CPU build: there `gpu_memory_utilization` means "fraction of

@@ -17,10 +17,7 @@ import zlib
 
 import torch
 
-from gantry.config import GantryConfig
-from gantry.placement import rollout_dtype
-from gantry.plugin import load_dataset_script
-from gantry.protocol import (
+from gantry.comm.protocol import (
     PromptTask,
     Register,
     RolloutGroup,
@@ -29,8 +26,11 @@ from gantry.protocol import (
     SyncWeights,
     WeightsSynced,
 )
-from gantry.runtime import Heartbeat, RunInfo, host_name
-from gantry.transport import ControlPlane, Delivery
+from gantry.comm.transport import ControlPlane, Delivery
+from gantry.config import GantryConfig
+from gantry.data.plugin import load_dataset_script
+from gantry.launch.placement import rollout_dtype
+from gantry.run.runtime import Heartbeat, RunInfo, host_name
 from rollout.engine import RolloutEngine, SamplingSettings
 from rollout.prompts import PromptBuilder
 

@@ -1,4 +1,4 @@
-"""Print the README's table of config keys from the schema (gantry/config_schema.py).
+"""Print the README's table of config keys from the schema (gantry/config/schema.py).
 
     .venv/bin/python scripts/config_table.py     # paste between the README's table markers
 tests/test_readme.py checks that the README holds exactly this table.

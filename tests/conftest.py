@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture
 def redis_url(tmp_path):
-    from gantry.redis_server import RedisServer
+    from gantry.launch.redis_server import RedisServer
 
     with RedisServer(tmp_path / "redis") as server:
         yield server.url
@@ -20,14 +20,14 @@ def redis_url(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from gantry.tiny_model import build_tiny_model
+    from gantry.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_model_dir(tmp_path_factory):
-    from gantry.tiny_model import build_tiny_model
+    from gantry.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-tied"), tie_word_embeddings=True)
 
@@ -35,7 +35,7 @@ def tiny_tied_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory):
     """The built-in tiny Qwen2 (gantry:tiny-qwen2), as `ensure_tiny_model` makes it."""
-    from gantry.tiny_model import ensure_tiny_model
+    from gantry.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("llm") / "model")
 
@@ -43,6 +43,6 @@ def tiny_llm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """The built-in tiny Qwen2.5-VL (gantry:tiny-qwen2.5-vl)."""
-    from gantry.tiny_model import ensure_tiny_vlm
+    from gantry.models.tiny import ensure_tiny_vlm
 
     return ensure_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gantry.protocol import SyncPlan
+from gantry.comm.protocol import SyncPlan
 
 
 def load_syncs(path: str) -> list[tuple[int, SyncPlan]]:

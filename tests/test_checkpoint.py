@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from gantry.checkpoints import (
+from gantry.run.checkpoints import (
     CHECKPOINTS,
     is_complete,
     latest_complete,
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
     import torch.nn.functional as F
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from gantry.checkpoints import CHECKPOINTS, latest_complete, mark_complete, step_dir
+    from gantry.run.checkpoints import CHECKPOINTS, latest_complete, mark_complete, step_dir
     from policy.checkpoint import CheckpointError, PolicyCheckpointer
     from policy.parallel import (
         ParallelDims, ShardingOptions, build_mesh, init_distributed, load_sharded_model,

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from gantry.chat_data import (
+from gantry.data.chat import (
     MALFORMED,
     MISSING_MEDIA,
     BadEntries,
@@ -19,7 +19,7 @@ from gantry.chat_data import (
     build_samples,
     malformed,
 )
-from gantry.plugin import DatasetScriptError, load_dataset_script
+from gantry.data.plugin import DatasetScriptError, load_dataset_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "datasets"
 VISION = {"min_pixels": 64, "max_pixels": 4096, "fps": 2.0, "max_frames": 8}

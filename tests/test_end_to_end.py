@@ -16,7 +16,7 @@ QUICKSTART = ["--config", "configs/quickstart-grpo.toml", "datasets/arithmetic.p
 
 def run_launcher(tmp_path, *overrides, timeout):
     result = subprocess.run(
-        [sys.executable, "-m", "gantry.launcher", *QUICKSTART, f"train.output_dir={tmp_path}", *overrides],
+        [sys.executable, "-m", "gantry.launch", *QUICKSTART, f"train.output_dir={tmp_path}", *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
@@ -73,7 +73,7 @@ def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
     """Two rollout replicas share the prompts; a third started by hand mid-run gets the
     current weights before its first prompt and then takes its share."""
     args = [
-        sys.executable, "-m", "gantry.launcher", *QUICKSTART, f"train.output_dir={tmp_path}",
+        sys.executable, "-m", "gantry.launch", *QUICKSTART, f"train.output_dir={tmp_path}",
         "rollout.backend=transformers", "rollout.parallelism.n_init_replicas=2",
         "train.train_batch_per_replica=64", "rollout.batch_size=2", "train.max_num_steps=24",
     ]  # fmt: skip

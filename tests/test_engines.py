@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gantry.tiny_model import build_tiny_model
+from gantry.models.tiny import build_tiny_model
 from rollout.engine import Completion, SamplingSettings
 from rollout.hf_engine import HFEngine
 

@@ -23,8 +23,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from gantry.config import load_config
-from gantry.plugin import load_dataset_script
-from gantry.scoring import format_table, score_record, summarize
+from gantry.data.plugin import load_dataset_script
+from gantry.data.scoring import format_table, score_record, summarize
 from rollout import evaluate
 from rollout.engine import MultimodalPrompt, SamplingSettings
 from rollout.evaluate import EXIT_BAD_INPUT, answer_records

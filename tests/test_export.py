@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gantry.checkpoints import prune_step_dirs
+from gantry.run.checkpoints import prune_step_dirs
 from policy.export import (
     INDEX_NAME,
     ExportStats,

@@ -28,7 +28,7 @@ class Run:
 
     def __init__(self, tmp_path: Path, *overrides: str, base: list[str] = QUICKSTART) -> None:
         args = [
-            sys.executable, "-m", "gantry.launcher", *base,
+            sys.executable, "-m", "gantry.launch", *base,
             f"train.output_dir={tmp_path}", "rollout.backend=transformers",
             "logging.log_interval=1", *overrides,
         ]  # fmt: skip
@@ -199,7 +199,7 @@ def test_sft_controller_killed_twice_gives_the_losses_of_an_unbroken_run(tmp_pat
     equals the one of the same run without a kill."""
     steps = 40
     whole = subprocess.run(
-        [sys.executable, "-m", "gantry.launcher", *SFT, f"train.output_dir={tmp_path / 'whole'}",
+        [sys.executable, "-m", "gantry.launch", *SFT, f"train.output_dir={tmp_path / 'whole'}",
          f"train.max_num_steps={steps}"],
         cwd=ROOT, capture_output=True, text=True, timeout=280,
     )  # fmt: skip

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from controller import journal
-from gantry.protocol import Keys, PromptTask, Stop
-from gantry.transport import ControlPlane
+from gantry.comm.protocol import Keys, PromptTask, Stop
+from gantry.comm.transport import ControlPlane
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 KEYS = Keys("run")

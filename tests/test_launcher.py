@@ -25,7 +25,7 @@ DATASET = textwrap.dedent(
 
 def launch(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "gantry.launcher", *map(str, args)],
+        [sys.executable, "-m", "gantry.launch", *map(str, args)],
         capture_output=True, text=True, cwd=cwd or ROOT, timeout=100,
     )  # fmt: skip
 
@@ -112,8 +112,8 @@ def test_bad_resume_and_bad_layout_exit_2(tmp_path, dataset):
 
 
 def test_only_a_dead_controller_restarts_and_only_within_its_budget():
-    from gantry.launcher import ControllerRestarts
-    from gantry.runtime import EXIT_RUN_FAILED
+    from gantry.launch.attempt import ControllerRestarts
+    from gantry.run.runtime import EXIT_RUN_FAILED
 
     restart = ControllerRestarts(most=2)
     assert not restart("policy0", 1)  # a policy death restarts the whole run instead

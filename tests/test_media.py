@@ -1,4 +1,4 @@
-"""gantry.media: images and videos of sample messages, loaded as Qwen-VL processors expect them."""
+"""gantry.data.media: images and videos of sample messages, loaded as Qwen-VL processors expect them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from gantry.media import (
+from gantry.data.media import (
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
     MediaError,
@@ -307,7 +307,7 @@ def test_vllm_multi_modal_data(image_path, video_path):
 def tiny_vlm(tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from gantry.tiny_model import build_tiny_vlm
+    from gantry.models.tiny import build_tiny_vlm
 
     path = build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
     return AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)

@@ -18,10 +18,11 @@ import pytest
 import redis
 
 from gantry.config import load_config
-from gantry.launcher import main, process_command
-from gantry.nodes import NodePlanError, Placed, node_plan, with_cpu_shares
-from gantry.redis_server import free_port
-from gantry.runtime import RunInfo
+from gantry.launch.attempt import process_command
+from gantry.launch.launcher import main
+from gantry.launch.nodes import NodePlanError, Placed, node_plan, with_cpu_shares
+from gantry.launch.redis_server import free_port
+from gantry.run.runtime import RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ["--config", "configs/quickstart-grpo.toml", "datasets/arithmetic.py"]
@@ -139,7 +140,7 @@ def start_two_nodes(tmp_path, password: str, *overrides: str) -> list[subprocess
     port = free_port("127.0.0.2")
     env = dict(os.environ, GANTRY_REDIS_PASSWORD=password)
     common = [
-        sys.executable, "-m", "gantry.launcher", *QUICKSTART, f"train.output_dir={tmp_path}",
+        sys.executable, "-m", "gantry.launch", *QUICKSTART, f"train.output_dir={tmp_path}",
         "rollout.backend=transformers", "logging.log_interval=1", *overrides,
         "--nnodes", "2", "--controller", f"127.0.0.2:{port}", "--run-id", "two-nodes",
     ]  # fmt: skip
@@ -161,7 +162,7 @@ def start_two_nodes(tmp_path, password: str, *overrides: str) -> list[subprocess
 
 @pytest.mark.redis
 def test_a_reachable_redis_wants_the_password(tmp_path):
-    from gantry.redis_server import RedisServer, RedisServerError
+    from gantry.launch.redis_server import RedisServer, RedisServerError
 
     with pytest.raises(RedisServerError, match="needs a password"):
         RedisServer(tmp_path, bind="127.0.0.2")

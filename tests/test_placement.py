@@ -2,9 +2,9 @@
 
 import pytest
 
-from gantry import checkpoints
 from gantry.config import ConfigError, load_config
-from gantry.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
+from gantry.launch.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
+from gantry.run import checkpoints
 
 
 def test_auto_shard_takes_the_gpus_rollouts_leave():
@@ -83,7 +83,7 @@ def test_pruning_keeps_complete_checkpoints_and_paths_in_use(tmp_path):
 def test_rollout_dtype_auto_follows_the_device_and_the_model(tmp_path):
     import json
 
-    from gantry.placement import rollout_dtype
+    from gantry.launch.placement import rollout_dtype
 
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
     assert rollout_dtype("auto", tmp_path, on_gpu=False) == "float32"

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from gantry.plugin import DatasetScriptError, load_dataset_script, prompt_messages
+from gantry.data.plugin import DatasetScriptError, load_dataset_script, prompt_messages
 
 
 def script(tmp_path, body: str):

@@ -17,7 +17,7 @@ RANK_SCRIPT = textwrap.dedent(
     import json, os, sys, torch, torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from gantry.config import load_config
-    from gantry.protocol import RolloutGroup, Sample
+    from gantry.comm.protocol import RolloutGroup, Sample
     from policy.parallel import build_mesh, init_distributed
     from policy.trainer import GRPOTrainer
     from policy.worker import parallel_dims

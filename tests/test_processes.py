@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from gantry.processes import ProcessGroupSupervisor
+from gantry.launch.processes import ProcessGroupSupervisor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +39,7 @@ def test_success_when_main_exits_and_the_others_follow(tmp_path, capsys):
 
 
 def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path, monkeypatch):
-    import gantry.processes as processes
+    import gantry.launch.processes as processes
 
     monkeypatch.setattr(processes, "STOP_GRACE_S", 1.0)
     supervisor = ProcessGroupSupervisor(tmp_path / "logs")

@@ -4,7 +4,7 @@ import msgpack
 import pytest
 from pydantic import ValidationError
 
-from gantry import protocol as p
+from gantry.comm import protocol as p
 
 PLAN = p.SyncPlan(
     group="run/plan1",

@@ -32,7 +32,7 @@ RUN = [
 
 def launch(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "gantry.launcher", *RUN, f"train.output_dir={out}", *extra],
+        [sys.executable, "-m", "gantry.launch", *RUN, f"train.output_dir={out}", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gantry.protocol import Receiver, SyncPlan
-from gantry.redis_server import free_port
+from gantry.comm.protocol import Receiver, SyncPlan
+from gantry.launch.redis_server import free_port
 from rollout.engine import SamplingSettings
 
 ROOT = Path(__file__).resolve().parents[1]

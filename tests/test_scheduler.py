@@ -3,7 +3,7 @@
 import json
 
 from controller.scheduler import PromptQueue, RolloutBuffer, task_of
-from gantry.protocol import RolloutGroup, Sample
+from gantry.comm.protocol import RolloutGroup, Sample
 
 
 def group(prompt_id: str, version: int) -> RolloutGroup:

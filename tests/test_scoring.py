@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gantry.scoring import (
+from gantry.data.scoring import (
     MULTIPLE_CHOICE,
     NUMERIC,
     TEXT,

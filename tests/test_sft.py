@@ -223,7 +223,7 @@ def test_vlm_sft_run_on_llava_data_exports_a_loadable_checkpoint(tmp_path):
     data = _llava_fixture(tmp_path / "data")
     out = tmp_path / "outputs"
     cmd = [
-        sys.executable, "-m", "gantry.launcher", str(ROOT / "datasets" / "llava_json.py"),
+        sys.executable, "-m", "gantry.launch", str(ROOT / "datasets" / "llava_json.py"),
         'policy.model_name_or_path="gantry:tiny-qwen2.5-vl"', "policy.model_max_length=512",
         'train.train_policy.type="sft"', "train.train_batch_per_replica=2",
         "train.train_policy.mini_batch=2", "train.epoch=8", 'train.param_dtype="float32"',
@@ -267,7 +267,7 @@ SFT_RUN = [
 
 
 def _sft(out: Path, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "gantry.launcher", *SFT_RUN, f'train.output_dir="{out}"', *extra]
+    cmd = [sys.executable, "-m", "gantry.launch", *SFT_RUN, f'train.output_dir="{out}"', *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     (run_dir,) = [p for p in out.iterdir() if not p.name.startswith(".")]

@@ -1,4 +1,4 @@
-"""SLURM submission (gantry/slurm.py): the [slurm] section, the sbatch script and ./slurm.sh.
+"""SLURM submission (gantry/launch/slurm.py): the [slurm] section, the sbatch script and ./slurm.sh.
 
 The rendered script is checked three ways: its #SBATCH header is parsed the way sbatch parses it
 and every option checked; it is run with bash under the environment SLURM gives a batch job,
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from gantry.config import ConfigError, load_config
-from gantry.launcher import parse_args
-from gantry.redis_server import free_port
-from gantry.slurm import render_sbatch
+from gantry.launch.launcher import parse_args
+from gantry.launch.redis_server import free_port
+from gantry.launch.slurm import render_sbatch
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO = ROOT / "configs" / "quickstart-grpo.toml"
@@ -39,7 +39,7 @@ TRICKY = ['custom.note=it\'s a "test"', 'logging.experiment_name="two words"']
 
 def slurm_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "gantry.slurm", *map(str, args)],
+        [sys.executable, "-m", "gantry.launch.slurm", *map(str, args)],
         capture_output=True, text=True, cwd=ROOT, timeout=60, env=env,
     )  # fmt: skip
 
@@ -88,7 +88,7 @@ def sbatch_options(script: str) -> list[tuple[str, str | None]]:
 
 _COUNT = re.compile(r"[1-9]\d*")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-# sbatch's --time forms, written out independently of gantry.slurm's validator.
+# sbatch's --time forms, written out independently of gantry.launch.slurm's validator.
 _TIME = re.compile(r"\d+|\d+:\d\d|\d+:\d\d:\d\d|\d+-\d\d?|\d+-\d\d?:\d\d|\d+-\d\d?:\d\d:\d\d")
 SBATCH_LONG_OPTIONS = {  # option -> check of its value (None: a flag that takes no value)
     "--job-name": _NAME.fullmatch,
@@ -204,7 +204,7 @@ def test_slurm_time_formats_accepted(value):
 
 
 def test_policy_nodes_rule_depends_on_the_run_type():
-    from gantry.slurm import allocation_problems
+    from gantry.launch.slurm import allocation_problems
 
     grpo = load_config(GRPO, ["slurm.nodes=3", "slurm.policy_nodes=2"])
     assert allocation_problems(grpo) == []
@@ -522,7 +522,7 @@ def test_module_imports_no_torch():
     code = textwrap.dedent(
         """
         import sys
-        import gantry.slurm, gantry.config
+        import gantry.launch.slurm, gantry.config.loader
         assert "torch" not in sys.modules
         """
     )

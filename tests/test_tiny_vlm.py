@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gantry.tiny_model import (
+from gantry.models.tiny import (
     BUILTIN_MODELS,
     MARKER,
     build_tiny_vlm,
@@ -100,7 +100,7 @@ VLLM_SCRIPT = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
-from gantry.media import load_media
+from gantry.data.media import load_media
 path, messages = sys.argv[1], json.loads(sys.argv[2])
 media = load_media(messages)
 from transformers import AutoProcessor
@@ -117,7 +117,7 @@ print("RESULT", json.dumps([list(out.prompt_token_ids), list(out.outputs[0].toke
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_vllm_runs_it_like_transformers(vlm_dir, loaded, tmp_path):
-    """vLLM's CPU build takes the image and the (frames, metadata) video of gantry.media and
+    """vLLM's CPU build takes the image and the (frames, metadata) video of gantry.data.media and
     gives the same prompt ids and greedy tokens as transformers."""
     pytest.importorskip("vllm")
     import subprocess
@@ -125,7 +125,7 @@ def test_vllm_runs_it_like_transformers(vlm_dir, loaded, tmp_path):
 
     import av
 
-    from gantry.media import load_media
+    from gantry.data.media import load_media
 
     Image.fromarray(np.asarray(_image(150, 100))).save(tmp_path / "image.png")
     with av.open(str(tmp_path / "clip.mp4"), "w") as container:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gantry.protocol import Keys, PromptTask, RolloutGroup, Sample, Stop, SyncPlan, SyncWeights
-from gantry.transport import ControlPlane
+from gantry.comm.protocol import Keys, PromptTask, RolloutGroup, Sample, Stop, SyncPlan, SyncWeights
+from gantry.comm.transport import ControlPlane
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 KEYS = Keys("test")
@@ -67,8 +67,8 @@ def test_dispatch_and_collect_each_prompt_once(redis_url):
 CONSUMER = textwrap.dedent(
     """
     import sys, time
-    from gantry.protocol import Keys
-    from gantry.transport import ControlPlane
+    from gantry.comm.protocol import Keys
+    from gantry.comm.transport import ControlPlane
     plane = ControlPlane(sys.argv[1])
     got = plane.read_group([Keys("test").prompts("0")], "rollout", "dies", 3, 5000)
     print(" ".join(d.message.prompt_id for d in got), flush=True)

@@ -37,7 +37,7 @@ def test_grpo_on_a_vlm_with_vllm_multimodal_prompts(tmp_path):
     annotations = write_colour_questions(tmp_path / "data")
     out = tmp_path / "outputs"
     cmd = [
-        sys.executable, "-m", "gantry.launcher", str(ROOT / "datasets" / "llava_json.py"),
+        sys.executable, "-m", "gantry.launch", str(ROOT / "datasets" / "llava_json.py"),
         'policy.model_name_or_path="gantry:tiny-qwen2.5-vl"', "policy.model_max_length=512",
         "rollout.n_generation=4", "train.train_batch_per_replica=16", "rollout.batch_size=4",
         "rollout.max_response_length=6", "train.max_num_steps=3", 'train.param_dtype="float32"',

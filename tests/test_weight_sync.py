@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gantry import communicator
-from gantry.communicator import Manifest, ManifestEntry, SyncCancelled, SyncStalled
-from gantry.protocol import Receiver, SyncPlan
-from gantry.redis_server import free_port
+from gantry.comm import weights as communicator
+from gantry.comm.protocol import Receiver, SyncPlan
+from gantry.comm.weights import Manifest, ManifestEntry, SyncCancelled, SyncStalled
+from gantry.launch.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "tests" / "sync_peers.py"

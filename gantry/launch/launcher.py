@@ -1,4 +1,4 @@
-"""The launcher: `launch.sh --config rl.toml dataset.py [key=value ...]` (or `python -m gantry.launcher`).
+"""The launcher: `launch.sh --config rl.toml dataset.py [key=value ...]` (or `python -m gantry.launch`).
 
 It validates the config and the dataset script (exit 2 on bad input, before any worker starts),
 creates the run directory `<train.output_dir>/<timestamp>/` with the resolved config, starts the
@@ -16,28 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import sys
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from gantry import checkpoints
+from gantry.comm.transport import ControlPlane, redis_password
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
-from gantry.multinode import Cluster, join_run, publish_run
-from gantry.nodes import NodePlanError, Placed, with_cpu_shares
-from gantry.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
-from gantry.plugin import DatasetScriptError, load_dataset_script
-from gantry.processes import ProcessGroupSupervisor
-from gantry.protocol import WorkerFailed
-from gantry.redis_server import RedisServer, RedisServerError, free_port
-from gantry.runtime import EXIT_RUN_FAILED, RunInfo, groups_per_step, planned_steps
-from gantry.tiny_model import BUILTIN_MODELS
-from gantry.transport import ControlPlane, redis_password
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from gantry.data.plugin import DatasetScriptError, load_dataset_script
+from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
+from gantry.launch.multinode import Cluster, join_run, publish_run
+from gantry.launch.nodes import NodePlanError
+from gantry.launch.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
+from gantry.launch.redis_server import RedisServer, RedisServerError, free_port
+from gantry.models.tiny import BUILTIN_MODELS
+from gantry.run import checkpoints
+from gantry.run.runtime import RunInfo, groups_per_step, planned_steps
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,62 +222,6 @@ def run_with_restarts(config, info: RunInfo, cluster: Cluster) -> int:
     return code
 
 
-def run_processes(
-    config, info: RunInfo, placed: list[Placed], stop_when: Callable[[], bool] = lambda: False
-) -> int:
-    """One attempt of this node's processes. On node 0: until the controller exits. On the
-    others: until all of them have exited, or `stop_when` (node 0 started the run again). A
-    rollout replica that dies is reported to the controller, which goes on without it."""
-    run_dir = Path(info.run_dir)
-    plane = ControlPlane(info.redis_url)
-
-    def lost(name: str, how: str) -> None:
-        replica = name.removeprefix("rollout")
-        failed = WorkerFailed(role="rollout", replica=replica, error=f"process died with {how}")
-        plane.send(info.keys.events, failed)
-
-    restart = ControllerRestarts(config.fault_tolerance.max_controller_restarts)
-
-    supervisor = ProcessGroupSupervisor(run_dir / "logs")
-    placed = with_cpu_shares(placed, sorted(os.sched_getaffinity(0)))
-    try:
-        for process in placed:
-            supervisor.start(process.name, process_command(config, info, process), process.env)
-        return supervisor.wait(
-            main="controller" if any(p.role == "controller" for p in placed) else None,
-            expendable=lambda name: name.startswith("rollout"),
-            on_lost=lost,
-            stop_when=stop_when,
-            restart=restart,
-        )
-    except KeyboardInterrupt:
-        say("interrupted: stopping the run")
-        return EXIT_INTERRUPTED
-    finally:
-        supervisor.stop_all()
-        plane.close()
-
-
-class ControllerRestarts:
-    """Whether a dead child is started again: only a controller that died (not one that failed
-    the run, EXIT_RUN_FAILED), at most `most` times; its successor carries on from the state
-    it kept in Redis (controller.journal)."""
-
-    def __init__(self, most: int) -> None:
-        self.most, self.done = most, 0
-
-    def __call__(self, name: str, code: int) -> bool:
-        if name != "controller" or code == EXIT_RUN_FAILED or self.done >= self.most:
-            return False
-        self.done += 1
-        say(f"controller restart {self.done}/{self.most}")
-        return True
-
-
-def say(text: str) -> None:
-    print(f"[launcher] {text}", file=sys.stderr, flush=True)
-
-
 def rollout_replicas(config) -> int:
     """Rollout replicas started with the run: none for SFT, which trains on the dataset."""
     if config.train.train_policy.type == "sft":
@@ -295,27 +233,6 @@ def rollout_plan(config) -> str:
     if not rollout_replicas(config):
         return "none (SFT)"
     return f"{rollout_replicas(config)} replica(s) x tp {config.rollout.parallelism.tp_size}"
-
-
-def process_command(config, info: RunInfo, process: Placed) -> list[str]:
-    """The python arguments of one process. A policy replica is a torchrun agent: all of them
-    form one job, replica i being torchrun's node i, with dp_replicate_size x dp_shard_size
-    local ranks, meeting at the address node 0 published."""
-    run_dir = ["--run-dir", info.run_dir]
-    if process.role == "controller":
-        return ["-m", "controller", *run_dir]
-    if process.role == "rollout":
-        cpus = ["--cpus", ",".join(map(str, process.cpus))] if process.cpus else []
-        return ["-m", "rollout", *run_dir, "--replica", str(process.replica), *cpus]
-    parallel = config.policy.parallelism
-    host, port = info.policy_master.rsplit(":", 1)
-    return [
-        "-m", "torch.distributed.run",
-        f"--nnodes={parallel.n_init_replicas}", f"--node-rank={process.replica}",
-        f"--nproc-per-node={parallel.ranks_per_replica}",
-        f"--master-addr={host}", f"--master-port={port}",
-        "-m", "policy", *run_dir, "--replica", str(process.replica),
-    ]  # fmt: skip
 
 
 def report_success(run_dir: Path) -> int:
@@ -339,9 +256,3 @@ def report_success(run_dir: Path) -> int:
         flush=True,
     )
     return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    sys.exit(main())

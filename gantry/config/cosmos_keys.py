@@ -3,7 +3,7 @@
 A cosmos-rl config loads unchanged: each key listed here is dropped (with everything under it,
 for a table) and named in a single `ConfigWarning`. A key that is neither in Gantry's schema
 nor here is an error. As Gantry implements a key, it moves from here into
-`gantry.config_schema`; a test checks that the two never overlap.
+`gantry.config.schema`; a test checks that the two never overlap.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from gantry.protocol import decode, encode
+from gantry.comm.protocol import decode, encode
 
 # redis-py defaults to a 5 s socket timeout, which breaks blocking reads: the blocking
 # client has none, and every blocking call passes its own bounded BLOCK time instead.

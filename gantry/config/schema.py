@@ -3,8 +3,8 @@
 Section and key names follow cosmos-rl's schema so that cosmos-rl configs load unchanged;
 `[redis]` is Gantry's own. Validators check and never rewrite a value; a cross-section rule
 lives in `GantryConfig._sections_agree`. Loading, overrides and error messages are in
-`gantry.config`; the cosmos-rl keys Gantry accepts without acting on them are in
-`gantry.config_cosmos`. Imports no torch.
+`gantry.config.loader`; the cosmos-rl keys Gantry accepts without acting on them are in
+`gantry.config.cosmos_keys`. Imports no torch.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, Strict, field_validator, model_validator
 
-from gantry.config_cluster import _MODEL_CONFIG, FaultToleranceConfig, RedisConfig
-from gantry.slurm import SlurmConfig
+from gantry.config.cluster import _MODEL_CONFIG, FaultToleranceConfig, RedisConfig, SlurmConfig
 
 StrictFloat = Annotated[float, Strict()]
 Dtype = Literal["float32", "bfloat16", "float16"]

@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from gantry.protocol import SyncPlan
+from gantry.comm.protocol import SyncPlan
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 # Buckets in flight: one being received (or packed) while the previous one is loaded (or sent).

@@ -1,14 +1,13 @@
-"""SLURM submission: the `[slurm]` config section, the sbatch script, and `./slurm.sh`.
+"""SLURM submission: the sbatch script rendered from the config, and `./slurm.sh`.
 
     ./slurm.sh --config configs/rl.toml datasets/arithmetic.py slurm.nodes=4 --dry-run
     ./slurm.sh --config configs/rl.toml datasets/arithmetic.py slurm.nodes=4   # sbatch it
 
-This module owns `SlurmConfig` (the `[slurm]` section, validated like every other section),
+The `[slurm]` section itself is `gantry.config.cluster.SlurmConfig`. This module owns
 the allocation rules that need the whole config (`allocation_problems`), `render_sbatch` (the
 batch script) and the CLI that writes the script to `<log_dir>/<job_name>.sbatch` and submits it.
 The script starts one `launch.sh` per node in a single srun step; the launcher assigns roles
-from `--nnodes/--node-rank` (node rank 0, the first host, runs the controller). Imports no torch
-and nothing of `gantry.config` at import time: `gantry.config_schema` imports this module.
+from `--nnodes/--node-rank` (node rank 0, the first host, runs the controller). Imports no torch.
 """
 
 from __future__ import annotations
@@ -22,156 +21,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
-# The same settings as gantry.config_schema (which imports this module, so they are not shared).
-_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+from gantry.config import ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
 
-# sbatch's time formats; "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS".
-_TIME_FORMATS = {
-    r"(?P<m>\d+)": "MM",
-    r"(?P<m>\d+):(?P<s>\d\d)": "MM:SS",
-    r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)": "HH:MM:SS",
-    r"(?P<d>\d+)-(?P<h>\d\d?)": "D-HH",
-    r"(?P<d>\d+)-(?P<h>\d\d?):(?P<m>\d\d)": "D-HH:MM",
-    r"(?P<d>\d+)-(?P<h>\d\d?):(?P<m>\d\d):(?P<s>\d\d)": "D-HH:MM:SS",
-}
-# Options render_sbatch writes from their own keys: repeating one in sbatch_args would override it.
-_OWN_OPTIONS = {
-    "--job-name": "job_name", "-J": "job_name", "--nodes": "nodes", "-N": "nodes",
-    "--partition": "partition", "-p": "partition", "--account": "account", "-A": "account",
-    "--time": "time", "-t": "time", "--gpus-per-node": "gpus_per_node",
-    "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task", "--output": "log_dir",
-    "-o": "log_dir", "--error": "log_dir", "-e": "log_dir",
-    "--ntasks-per-node": "(one launcher per node, always 1)",
-}  # fmt: skip
 # A value sbatch reads from an #SBATCH line as is; others are written in double quotes.
 _PLAIN_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9_./%:=,@+-]+")
 
 
 class SlurmError(RuntimeError):
     """SLURM submission cannot proceed (no sbatch, no repository); str() is ready to print."""
-
-
-def _one_line(value: str) -> str:
-    if "\n" in value or "\r" in value:
-        raise ValueError(f"must be a single line, got {value!r}")
-    return value
-
-
-class SlurmConfig(BaseModel):
-    """[slurm]: the allocation `./slurm.sh` requests and how each node starts (Gantry's own)."""
-
-    model_config = _MODEL_CONFIG
-
-    nodes: int = Field(default=1, ge=1, description="Nodes of the allocation (sbatch --nodes).")
-    policy_nodes: int = Field(
-        default=0,
-        ge=0,
-        description="Nodes given to the policy replicas, the rest to rollout replicas; 0: the "
-        "launcher decides from [policy.parallelism] and [rollout.parallelism]. A multi-node "
-        "GRPO run keeps at least one node for rollout.",
-    )
-    partition: str = Field(default="", description="SLURM partition(s); empty: the default.")
-    account: str = Field(default="", description="SLURM account charged; empty: the default.")
-    time: str = Field(
-        default="04:00:00",
-        description="Time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.",
-    )
-    gpus_per_node: int = Field(
-        default=8, ge=0, description="GPUs requested on each node; 0: no --gpus-per-node."
-    )
-    cpus_per_task: int = Field(
-        default=0,
-        ge=0,
-        description="CPUs for each node's launcher (one task per node); 0: SLURM's default.",
-    )
-    job_name: str = Field(default="gantry", description="SLURM job name (also names the logs).")
-    controller_port: int = Field(
-        default=6380,
-        ge=1024,
-        le=65535,
-        description="Port of the controller on the first node, which the other nodes dial.",
-    )
-    setup: list[str] = Field(
-        default_factory=list,
-        description="Shell lines run on every node before the launcher, e.g. 'module load "
-        "cuda/12.4' or 'source /shared/env.sh'; inside the container when srun_args has one.",
-    )
-    sbatch_args: list[str] = Field(
-        default_factory=list,
-        description="Extra #SBATCH options, one per item, e.g. '--qos=high' or '--exclusive'.",
-    )
-    srun_args: list[str] = Field(
-        default_factory=list,
-        description="Extra srun arguments, one argument per item, e.g. container flags "
-        "'--container-image=/shared/gantry.sqsh'.",
-    )
-    log_dir: str = Field(
-        default="",
-        description="Directory of the sbatch script and the job's logs; empty: "
-        "train.output_dir/slurm-logs. Relative paths are taken from the repository root.",
-    )
-
-    @field_validator("time")
-    @classmethod
-    def _slurm_time(cls, value: str) -> str:
-        for pattern, name in _TIME_FORMATS.items():
-            match = re.fullmatch(pattern, value)
-            if match is None:
-                continue
-            parts = {k: int(v) for k, v in match.groupdict().items()}
-            first = next(iter(parts))  # the leading field may exceed its usual range
-            limits = {"h": 24, "m": 60, "s": 60}
-            wrong = [k for k, v in parts.items() if k != first and k in limits and v >= limits[k]]
-            if wrong:
-                raise ValueError(f"{value!r} ({name}): hours must be < 24, minutes/seconds < 60")
-            if not any(parts.values()):
-                raise ValueError(f"{value!r}: a zero time limit means no limit to SLURM; give one")
-            return value
-        raise ValueError(
-            f"expected a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS), "
-            f"got {value!r}"
-        )
-
-    @field_validator("job_name", "partition", "account")
-    @classmethod
-    def _slurm_name(cls, value: str, info: ValidationInfo) -> str:
-        allowed = r"[A-Za-z0-9_.,-]*" if info.field_name == "partition" else r"[A-Za-z0-9_.-]*"
-        if not re.fullmatch(allowed, value) or (info.field_name == "job_name" and not value):
-            raise ValueError(
-                f"got {value!r}: use letters, digits, '_', '.', '-'"
-                + (" (',' between partitions)" if info.field_name == "partition" else "")
-            )
-        return value
-
-    @field_validator("log_dir")
-    @classmethod
-    def _log_dir(cls, value: str) -> str:
-        if "%" in value:
-            raise ValueError(f"got {value!r}: '%' starts a SLURM file name pattern")
-        return _one_line(value)
-
-    @field_validator("setup", "srun_args")
-    @classmethod
-    def _lines(cls, value: list[str]) -> list[str]:
-        return [_one_line(item) for item in value]
-
-    @field_validator("sbatch_args")
-    @classmethod
-    def _sbatch_options(cls, value: list[str]) -> list[str]:
-        for item in value:
-            _one_line(item)
-            option = item.split("=", 1)[0].split()[0] if item.strip() else ""
-            if not option.startswith("--"):
-                option = option[:2]  # -N4 is -N
-            if not option.startswith("-"):
-                raise ValueError(f"{item!r}: give the option only, e.g. '--qos=high'")
-            if option in _OWN_OPTIONS:
-                raise ValueError(f"{item!r}: set it with slurm.{_OWN_OPTIONS[option]} instead")
-        return value
 
 
 # ------------------------------------------------------------------------------ the allocation
@@ -299,7 +158,7 @@ def render_sbatch(
     ]
 
     body = f"""
-# Rendered by ./slurm.sh (gantry/slurm.py). Submit with: sbatch <this file>
+# Rendered by ./slurm.sh (gantry/launch/slurm.py). Submit with: sbatch <this file>
 # One srun task per node runs the setup lines, then launch.sh with the node's rank and the
 # command line given to slurm.sh (the arguments after gantry-node). Node rank 0, the first
 # host, also runs the controller (port {slurm.controller_port}), which the other nodes dial.
@@ -365,7 +224,6 @@ def submit(script_path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gantry.config import ConfigError, load_config  # here: gantry.config imports this module
 
     args = parse_args(argv)
     try:

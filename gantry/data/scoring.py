@@ -29,7 +29,7 @@ import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from gantry.checkpoints import write_json_atomic
+from gantry.run.checkpoints import write_json_atomic
 
 TEXT = "text"
 MULTIPLE_CHOICE = "multiple_choice"

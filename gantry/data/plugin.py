@@ -9,7 +9,7 @@ any fields the reward functions read. GRPO and evaluation prompt the model with 
 before the last assistant turn (all of them when there is none); SFT trains on the assistant
 turns. Message contents are strings, or lists of parts for images and videos:
 {"type": "text", "text": ...}, {"type": "image", "image": path}, {"type": "video", "video": path}
-(see gantry/media.py). Every failure names the script's path,
+(see gantry/data/media.py). Every failure names the script's path,
 the function and, for rewards, the sample it failed on.
 """
 
@@ -158,5 +158,5 @@ def _short(value: Any, limit: int = 300) -> str:
 def _user_traceback(exc: BaseException) -> str:
     """The traceback frames from the user's script, not Gantry's."""
     frames = traceback.extract_tb(exc.__traceback__)
-    lines = traceback.format_list([f for f in frames if "gantry/plugin.py" not in f.filename])
+    lines = traceback.format_list([f for f in frames if "gantry/data/plugin.py" not in f.filename])
     return "".join(lines).rstrip()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gantry import checkpoints
 from gantry.config import ConfigError, GantryConfig, describe_errors
+from gantry.run import checkpoints
 
 
 class LaunchError(ValueError):

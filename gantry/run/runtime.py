@@ -22,9 +22,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from gantry.comm.protocol import Keys, WorkerFailed
+from gantry.comm.transport import ControlPlane
 from gantry.config import GantryConfig, read_resolved_config
-from gantry.protocol import Keys, WorkerFailed
-from gantry.transport import ControlPlane
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 30.0

@@ -1,6 +1,6 @@
 """The run configuration: the TOML loader with dotted overrides, error messages, serialisations.
 
-The schema (every key Gantry reads) is in `gantry.config_schema` and re-exported here. Section
+The schema (every key Gantry reads) is in `gantry.config.schema`; `gantry.config` exports both. Section
 and key names follow cosmos-rl's schema (`[train]`, `[train.train_policy]`, `[train.ckpt]`, `[policy]`, `[policy.parallelism]`,
 `[rollout]`, `[rollout.parallelism]`, `[rollout.sampling_config]`, `[logging]`, `[custom]`), so that
 cosmos-rl configs load unchanged; `[redis]` is Gantry's own. Loading a config:
@@ -24,6 +24,7 @@ import datetime
 import difflib
 import json
 import re
+import tomllib
 import types
 import typing
 import warnings
@@ -33,26 +34,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gantry.config_cosmos import KNOWN_UNIMPLEMENTED
-from gantry.config_schema import (  # noqa: F401 - re-exported: the schema is reached through here
-    CkptConfig,
-    GantryConfig,
-    LoggingConfig,
-    PolicyConfig,
-    PolicyParallelism,
-    RedisConfig,
-    RolloutConfig,
-    RolloutParallelism,
-    SamplingConfig,
-    TrainConfig,
-    TrainPolicyConfig,
-    ValidationConfig,
-)
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, published as `tomli`
-    import tomli as tomllib
+from gantry.config.cosmos_keys import KNOWN_UNIMPLEMENTED
+from gantry.config.schema import GantryConfig
 
 
 class ConfigError(ValueError):

@@ -5,7 +5,7 @@ with the same config. Node 0 (HOST, as the others reach it) starts the run's Red
 with a password, the controller and its share of the replicas, then publishes the run (its
 `RunInfo`: run directory, dataset, model, where the policy's torchrun job meets) in Redis. The
 other nodes wait, a bounded time, for that Redis and that run, then start their share
-(`gantry.nodes`): every rank finds its peers through what node 0 published, never through a
+(`gantry.launch.nodes`): every rank finds its peers through what node 0 published, never through a
 hard-coded address. When node 0 starts the run again (`fault_tolerance.max_restarts`), it
 publishes a new attempt and every node restarts its processes with it.
 
@@ -25,12 +25,13 @@ from pathlib import Path
 
 import redis
 
+from gantry.comm.transport import PASSWORD_ENV, ControlPlane, redis_password
 from gantry.config import write_resolved_config
-from gantry.nodes import Placed, node_plan
-from gantry.placement import LaunchError, count_gpus
-from gantry.processes import EXIT_RESTARTED
-from gantry.runtime import RunInfo
-from gantry.transport import PASSWORD_ENV, ControlPlane, redis_password
+from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
+from gantry.launch.nodes import Placed, node_plan
+from gantry.launch.placement import LaunchError, count_gpus
+from gantry.launch.processes import EXIT_RESTARTED
+from gantry.run.runtime import RunInfo
 
 RUN_KEY = "gantry:launch:"  # + run id: node 0's RunInfo for the other nodes
 FOLLOW_RESTART_S = 120.0  # after its processes failed, how long a node waits for a new attempt
@@ -112,8 +113,6 @@ def publish_run(info: RunInfo, key: str) -> None:
 def join_run(config, cluster: Cluster, timeout_s: float) -> int:
     """Node rank > 0: wait for node 0's Redis and run, then run this node's processes, again
     whenever node 0 starts a new attempt."""
-    from gantry.launcher import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
-
     url = config.redis.url or f"redis://{cluster.head_host}:{cluster.redis_port}/0"
     try:
         plane = _reach(url, timeout_s)

@@ -10,7 +10,7 @@ The tiny Qwen2.5-VL shares the tokenizer (plus Qwen's vision tokens) and saves a
 `Qwen2_5_VLProcessor` with it, so `AutoProcessor` / `AutoModelForImageTextToText` load it.
 `BUILTIN_MODELS` maps the built-in names (`gantry:tiny-qwen2`, ...) to their `ensure_*` builders.
 
-Run `python -m gantry.tiny_model DIR` to write the text model, `... DIR --vlm` for the VLM.
+Run `python -m gantry.models.tiny DIR` to write the text model, `... DIR --vlm` for the VLM.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every message is a pydantic model with a literal `type` field; `encode` / `decode` are the only
 place bytes are made or read, so a new message is added by writing a model and listing it in
 `MESSAGE_TYPES`. Tensors never travel here: token ids, log-probs and rewards are plain lists,
-weights go over torch.distributed (see `gantry.communicator`).
+weights go over torch.distributed (see `gantry.comm.weights`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Receiver(_Message):
 class SyncPlan(_Message):
     """Who takes part in a weight sync and where they meet.
 
-    The policy's sender ranks (one per FSDP shard, see `gantry.communicator.Manifest`) each
+    The policy's sender ranks (one per FSDP shard, see `gantry.comm.weights.Manifest`) each
     broadcast their shard to every rank of every receiver. `group` names this membership: the
     process groups formed for it are reused by later syncs with the same plan, and a change of
     members (a replica joining) gets a new name. The store is hosted by policy rank 0.
