@@ -148,20 +148,7 @@ def measure(args: argparse.Namespace) -> None:
     # in process mode): not timed.
     ckpt.save(root / "warmup", **state, step=0, extra={})
     ckpt.wait()
-    baseline, during, blocking, background, ratios = [], [], [], [], []
-    for i in range(args.rounds):  # rounds, so that drift in the machine's load hits both
-        before = [step()[0] for _ in range(args.baseline_steps)]
-        started = time.perf_counter()
-        ckpt.save(root / f"async_{i}", **state, step=i, extra={})
-        blocking.append(ckpt.last_save_blocking_s)
-        in_flight, reported = [], []
-        while not reported:
-            seconds, reported = step()
-            in_flight.append(seconds)
-        background.append(time.perf_counter() - started)
-        ratios.append(statistics.mean(in_flight) / statistics.mean(before))
-        baseline += before
-        during += in_flight
+    baseline, during, blocking, background, ratios = timed_rounds(args, ckpt, state, root, step)
     wall, cpu = time.perf_counter(), time.process_time()
     sync.save(root / "sync", **state, step=0, extra={})
     sync_s, sync_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
@@ -187,6 +174,27 @@ def measure(args: argparse.Namespace) -> None:
         }
         Path(args.out).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def timed_rounds(args: argparse.Namespace, ckpt, state: dict, root: Path, step) -> tuple:
+    """Steps without a save, then steps while an async save is written, `args.rounds` times
+    (rounds, so that drift in the machine's load hits both): (baseline step times, step times
+    during saves, save blocking times, background write times, per-round ratios)."""
+    baseline, during, blocking, background, ratios = [], [], [], [], []
+    for i in range(args.rounds):
+        before = [step()[0] for _ in range(args.baseline_steps)]
+        started = time.perf_counter()
+        ckpt.save(root / f"async_{i}", **state, step=i, extra={})
+        blocking.append(ckpt.last_save_blocking_s)
+        in_flight, reported = [], []
+        while not reported:
+            seconds, reported = step()
+            in_flight.append(seconds)
+        background.append(time.perf_counter() - started)
+        ratios.append(statistics.mean(in_flight) / statistics.mean(before))
+        baseline += before
+        during += in_flight
+    return baseline, during, blocking, background, ratios
 
 
 def report(results: list[dict], niceness: int) -> None:

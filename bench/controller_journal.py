@@ -10,7 +10,7 @@ results, --steps steps of history (rewards), a --dataset-prompt queue halfway th
 A pass hands 8 prompts to a replica and acknowledges 8 results, as a busy pass does. Sides:
   baseline  the writes alone: one MULTI/EXEC for the 8 prompts (`send_many`), one XACK;
   journal   the same writes through the `Outbox`, committed with the controller's snapshot
-            (`Controller._commit`: JSON of the state, one MULTI/EXEC).
+            (`Controller._commit`: the state's JSON, `controller.state`, one MULTI/EXEC).
 Sides alternate in rounds of 100 passes; prints the median pass time of each, their ratio,
 and the snapshot's size.
 """
@@ -52,38 +52,40 @@ def busy_controller(args, url: str, run_dir: Path) -> Controller:
         dataset_size=args.dataset, model_path="",
     )  # fmt: skip
     controller = Controller(config, info)
-    controller.plane.ensure_group(controller.keys.rollouts, GROUP)
+    run, fleet, buffer = controller.context, controller.plan.fleet, controller.plan.buffer
+    run.plane.ensure_group(run.keys.rollouts, GROUP)
     for _ in range(args.dataset // 2):
-        controller.queue.next()
+        run.queue.next()
     for r in range(args.replicas):
-        controller.fleet.register(str(r), 2, holds_version=5, policy_version=5)
+        fleet.register(str(r), 2, holds_version=5, policy_version=5)
         for i in range(args.in_flight):
-            controller.fleet.dispatched(str(r), f"0:{r * args.in_flight + i}")
-    controller.fleet.plan(sorted(controller.fleet.replicas))
+            fleet.dispatched(str(r), f"0:{r * args.in_flight + i}")
+    fleet.plan(sorted(fleet.replicas))
     sample = Sample(token_ids=[1] * 8, logprobs=[-1.0] * 8, reward=1.0, finish_reason="stop")
-    for i in range(controller.groups_per_step):
+    for i in range(run.groups_per_step):
         group = RolloutGroup(
             prompt_id=f"0:{10**6 + i}", replica="0", policy_version=5,
             prompt_token_ids=[1], samples=[sample],
         )  # fmt: skip
-        controller.buffer.add(group, f"{i + 1}-0", version=5)
-    controller.rewards = [0.1] * args.steps
-    controller.version = controller.steps_sent = args.steps
+        buffer.add(group, f"{i + 1}-0", version=5)
+    run.state.rewards = [0.1] * args.steps
+    run.state.version = run.state.steps_sent = args.steps
     return controller
 
 
 def one_pass(controller: Controller, journal: bool, n: int) -> float:
     tasks = [PromptTask(prompt_id=f"1:{n * 8 + i}", epoch=1, index=i) for i in range(8)]
     entries = [f"{n + 1}-{i}" for i in range(8)]
-    stream, keys = controller.keys.prompts("0"), controller.keys
+    run = controller.context
+    stream, keys = run.keys.prompts("0"), run.keys
     started = time.perf_counter()
     if journal:
-        controller.out.send_many(stream, tasks)
-        controller.out.ack(keys.rollouts, GROUP, entries)
+        run.out.send_many(stream, tasks)
+        run.out.ack(keys.rollouts, GROUP, entries)
         controller._commit()
     else:
-        controller.plane.send_many(stream, tasks)
-        controller.plane.ack(keys.rollouts, GROUP, entries)
+        run.plane.send_many(stream, tasks)
+        run.plane.ack(keys.rollouts, GROUP, entries)
     return time.perf_counter() - started
 
 
@@ -97,7 +99,7 @@ def main() -> None:
             journal = (n // 100) % 2 == 1
             times[journal].append(one_pass(controller, journal, n))
             if n % 500 == 0:  # keep the prompt stream from growing without end
-                controller.plane.redis.delete(controller.keys.prompts("0"))
+                controller.context.plane.redis.delete(controller.context.keys.prompts("0"))
     base, ours = (statistics.median(times[k]) * 1e3 for k in (False, True))
     print(
         f"state: {args.replicas} replicas x {args.in_flight} prompts in flight, "

@@ -49,26 +49,27 @@ from /proc), with the median per-round ratio baseline / gantry: Gantry encodes e
 where the baseline tokenized once, untimed, so its CPU time is higher where its wall clock is
 not; on a machine shared with other jobs CPU time also tells a real gap from noise. Rounds
 further apart than 20% on one side mean other jobs were busy. A breakdown (one more round per
-side, with the functions each side calls wrapped in timers) splits a step's milliseconds into
-encoding (Gantry only: the wait for the encoder processes, or inline encoding), collating /
-padding (Gantry: moving the micro-batches to the device), forward (with the cross-entropy),
-backward, gradient clipping, the optimizer step and the rest, to show where a gap comes from.
+side, with the functions each side calls wrapped in timers: bench/sft_phases.py) splits a
+step's milliseconds into encoding (Gantry only: the wait for the encoder processes, or inline
+encoding), collating / padding (Gantry: moving the micro-batches to the device), forward (with
+the cross-entropy), backward, gradient clipping, the optimizer step and the rest, to show
+where a gap comes from.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `gantry` and `policy` importable
+
+from bench.sft_phases import measure_breakdown  # noqa: E402
 
 GOAL_RATIO = 1.0
 NOISY_SPREAD = 0.2
@@ -355,73 +356,6 @@ def measure(args, sides: dict, batches: list[list[int]]) -> dict:
             figures[name]["tokens"].append(sum(m["tokens"] for m in metrics))
             figures[name]["metrics"] += metrics
     return figures
-
-
-@contextlib.contextmanager
-def breakdown(trainer, plain: PlainLoop, totals: dict):
-    """Time the phases of both sides' steps (wrapping the functions they call) into `totals`
-    (side -> phase -> seconds); undone on exit."""
-    import torch
-
-    current = {"side": None}
-
-    def timed(phase, fn):
-        def wrapper(*a, **kw):
-            started = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                totals[current["side"]][phase] += time.perf_counter() - started
-
-        return wrapper
-
-    patches = [
-        (trainer.steps, "take", "encode"),  # encoding inline, or the wait for the workers
-        (trainer, "_on_device", "collate"),
-        (plain, "pad", "collate"),
-        (trainer, "_loss_sum", "forward"),
-        (plain, "_loss_sum", "forward"),
-        (torch.Tensor, "backward", "backward"),
-        (torch.nn.utils, "clip_grad_norm_", "clip"),
-        (trainer.optimizer, "step", "optimizer"),
-        (plain.optimizer, "step", "optimizer"),
-    ]
-    saved = []
-    for owner, attr, phase in patches:
-        had = attr in vars(owner)
-        saved.append((owner, attr, had, vars(owner).get(attr)))
-        setattr(owner, attr, timed(phase, getattr(owner, attr)))
-
-    def step_of(name, side):
-        def step(indices, next_indices):
-            current["side"] = name
-            started = time.perf_counter()
-            try:
-                return side.step(indices, next_indices)
-            finally:
-                totals[name]["step"] += time.perf_counter() - started
-
-        return step
-
-    try:
-        yield step_of
-    finally:
-        for owner, attr, had, value in reversed(saved):
-            if had:
-                setattr(owner, attr, value)
-            else:
-                delattr(owner, attr)
-
-
-def measure_breakdown(args, trainer, plain, batches: list[list[int]]) -> dict:
-    totals: dict = {"baseline": defaultdict(float), "gantry": defaultdict(float)}
-    chunk = [batches[i % len(batches)] for i in range(args.steps + 1)]
-    with breakdown(trainer, plain, totals) as step_of:
-        for name, side in (("baseline", plain), ("gantry", trainer)):
-            step = step_of(name, side)
-            for indices, following in zip(chunk, chunk[1:] + [[]], strict=True):
-                step(indices, following)
-    return {name: {k: v / len(chunk) for k, v in phases.items()} for name, phases in totals.items()}
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -10,11 +10,9 @@ def main() -> None:
     setup_logging("controller")
     config, info = load_run(args.run_dir)
     from controller.controller import Controller, RunFailed
-    from controller.sft import SFTController
 
-    kind = SFTController if config.train.train_policy.type == "sft" else Controller
-    try:
-        sys.exit(kind(config, info).run())
+    try:  # the controller runs the plan of the config's algorithm (GRPO or SFT)
+        sys.exit(Controller(config, info).run())
     except RunFailed as exc:  # the process boundary: one clear line for the launcher
         print(f"run failed: {exc}", flush=True)
         sys.exit(EXIT_RUN_FAILED)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gantry.comm.protocol import PromptTask, RolloutGroup, prompt_id_parts
 
@@ -105,12 +105,14 @@ class RolloutBuffer:
         """The stream entries of the buffered results, in order (a controller's snapshot)."""
         return [entry_id for _, entry_id in self._groups]
 
-    def restore(self, groups: list[tuple[RolloutGroup, str]], seen: set[str], stats: dict):
+    def restore(
+        self, groups: list[tuple[RolloutGroup, str]], seen: set[str], stats: BufferStats
+    ) -> None:
         """The buffer of a snapshot: its results (read back from the stream), the prompts it
         accepted so far, and its counters."""
         self._groups = deque(groups)
         self._seen = set(seen)
-        self.stats = BufferStats(**stats)
+        self.stats = replace(stats)
 
     def add(self, group: RolloutGroup, entry_id: str, version: int) -> str:
         """'accepted', 'stale' (too old: retry the prompt) or 'duplicate' (already have it)."""

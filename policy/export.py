@@ -25,38 +25,61 @@ path, the others None; a failure on any rank is raised on every rank. A plain mo
 process (no process group) works the same way. Since the directory is renamed only when complete,
 a failed export never leaves a half export under the final name, nor touches a previous one. It
 loads with `AutoModelForCausalLM.from_pretrained` and vLLM.
+
+This module owns the collective steps and the metadata files; the safetensors layout and the
+writes in place are `policy.export_files`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import math
-import os
-import re
 import shutil
-import struct
-import sys
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from huggingface_hub import try_to_load_from_cache
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoTokenizer, PreTrainedModel
 
-log = logging.getLogger("gantry.policy")
+from gantry.comm.torch_compat import compute_local_shape_and_global_offset
+from policy.export_files import (
+    INDEX_NAME,
+    SHARD_NAME,
+    HeldBytes,
+    Piece,
+    ShardFiles,
+    TensorSpec,
+    parse_size,
+    plan_shards,
+)
 
-INDEX_NAME = "model.safetensors.index.json"
-SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
-MARKER_NAME = ".export-id"  # in <out>.tmp while the ranks write: proves they share its filesystem
+# Re-exported: the layout's names are part of the export's API (tests, bench/export.py).
+__all__ = [
+    "INDEX_NAME",
+    "SHARD_NAME",
+    "ExportStats",
+    "ShardFiles",
+    "TensorSpec",
+    "export_hf",
+    "in_rows",
+    "own_pieces",
+    "parse_size",
+    "plan_shards",
+    "specs_of",
+    "state_entries",
+    "tied_weight_names",
+]
+
+log = logging.getLogger("gantry.policy")
+T = TypeVar("T")
+
 # Files a VLM's processor loads from; copied as files (AutoProcessor would need torchvision).
 PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -65,33 +88,6 @@ PROCESSOR_FILES = (
     "chat_template.json",
     "chat_template.jinja",
 )
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What the layout needs to know about a tensor: known without gathering a DTensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
 @dataclass
@@ -107,9 +103,6 @@ class ExportStats:
     # tensors, host copies of device shards): 0 when every rank writes its shards in place.
     peak_held_bytes: int = 0
     seconds: float = 0.0
-
-
-Piece = tuple[int, torch.Tensor]  # (byte offset in the full tensor, the part written there)
 
 
 def export_hf(
@@ -177,34 +170,6 @@ def state_entries(
 def specs_of(entries: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
     """Name, global shape and dtype of each entry; a DTensor reports its shape without a gather."""
     return [TensorSpec(name, tuple(value.shape), value.dtype) for name, value in entries]
-
-
-def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Consecutive runs of tensors, each at most `max_shard_bytes` (a larger tensor alone)."""
-    shards: list[list[TensorSpec]] = []
-    current: list[TensorSpec] = []
-    size = 0
-    for spec in specs:
-        if current and size + spec.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += spec.nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like transformers' max_shard_size: "2GB" (10^9), "500MiB"."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)\s*", size, flags=re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"max_shard_size {size!r}: give bytes or a size such as '2GB' or '500MiB'")
-    unit = match.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(match.group(1)) * base ** ("KMGT".index(unit[0]) + 1))
 
 
 # --- the steps of a collective export ---------------------------------------------------
@@ -285,25 +250,48 @@ def _write_part(
     still joins the all-gathers, so that no rank hangs."""
     rank = _rank()
     gathers = [i for i in range(len(entries)) if i not in pieces]
-    written, gathered = 0, 0
-    try:
+    progress = _Progress()
+
+    def write_all() -> None:
         for i in files.write_order(pieces, rank, _world()):
-            written += sum(files.write(entries[i][0], p, offset, held) for offset, p in pieces[i])
+            progress.written += sum(
+                files.write(entries[i][0], p, offset, held) for offset, p in pieces[i]
+            )
         for i in gathers:
             mine = _gathered(entries[i][1], rank, held)
-            gathered += 1
-            written += sum(files.write(entries[i][0], p, offset, held) for offset, p in mine)
+            progress.gathered += 1
+            progress.written += sum(
+                files.write(entries[i][0], p, offset, held) for offset, p in mine
+            )
             del mine
         if rank == 0:
             files.write_index()
             _write_metadata(model, files.shards, source_dir, files.out_dir)
         files.close()
-    except Exception as err:  # raised on every rank once all know (`_raise_if_failed`)
+
+    _, error = _attempt(write_all)  # raised on every rank once all know (`_raise_if_failed`)
+    if error is not None:
         files.abandon()
-        for i in gathers[gathered:]:
+        for i in gathers[progress.gathered :]:
             _gathered(entries[i][1], rank, HeldBytes())
-        return written, err
-    return written, None
+    return progress.written, error
+
+
+@dataclass
+class _Progress:
+    written: int = 0  # tensor bytes this rank wrote
+    gathered: int = 0  # all-gathers this rank took part in
+
+
+def _attempt(action: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """(`action()`, None), or (None, the error it raised). For the steps between two
+    collectives of an export: the error is raised on every rank after the next collective."""
+    try:
+        return action(), None
+    except Exception as err:  # broad on purpose: whatever failed on this rank (I/O, a dtype,
+        # a bug), the other ranks must hear of it in the next collective, not wait for this
+        # rank until the process group's timeout; it is raised again then, unchanged.
+        return None, err
 
 
 def _gathered(value: DTensor, rank: int, held: HeldBytes) -> list[Piece]:
@@ -340,11 +328,8 @@ def _on_rank0(action: Callable[[], int], out_dir: Path) -> int:
     failure on rank 0 is raised on every rank."""
     result, error = 0, None
     if _rank() == 0:
-        try:
-            result = action()
-        except Exception as err:  # raised below, once the other ranks know
-            error = err
-    (result,) = _combine([result], "broadcast")
+        result, error = _attempt(action)  # raised below, once the other ranks know
+    (result,) = _combine([result or 0], "broadcast")
     if error is not None:
         raise error
     if result == 0:
@@ -376,159 +361,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class HeldBytes:
-    """Bytes of tensors the export allocated (gathered tensors, host copies) alive at once,
-    counted from allocation to release with finalizers: what it really holds, leaks included."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self.peak = 0
-
-    def track(self, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        self.now += nbytes
-        self.peak = max(self.peak, self.now)
-        weakref.finalize(tensor, self._release, nbytes)
-
-    def _release(self, nbytes: int) -> None:
-        self.now -= nbytes
-
-
-class ShardFiles:
-    """The planned safetensors files of an export, in `out_dir`: each tensor's place, and writes
-    of any piece of a tensor straight to its place with `os.pwrite`, from any rank (each opens
-    the files itself). The data section orders tensors by decreasing element size, as
-    safetensors' own writer does, so every tensor is aligned."""
-
-    def __init__(self, out_dir: Path, shards: list[list[TensorSpec]]) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("safetensors files are little-endian; this host is not")
-        self.out_dir, self.shards = out_dir, shards
-        self.filenames = [
-            SHARD_NAME.format(index=i + 1, total=len(shards)) for i in range(len(shards))
-        ]
-        self.headers: list[tuple[bytes, int]] = []  # (header, file size)
-        self.places: dict[str, tuple[int, int, TensorSpec]] = {}  # name: (file, start, spec)
-        for i, shard in enumerate(shards):
-            header, offsets, data_bytes = safetensors_header(shard)
-            self.headers.append((header, len(header) + data_bytes))
-            for spec in shard:
-                self.places[spec.name] = (i, len(header) + offsets[spec.name], spec)
-        self.total_bytes = sum(spec.nbytes for spec in self.specs())
-        self.fds: dict[int, int] = {}  # file: descriptor, opened at its first write
-
-    def specs(self) -> Iterable[TensorSpec]:
-        return (spec for shard in self.shards for spec in shard)
-
-    def write_order(self, pieces: dict[int, list[Piece]], rank: int, world: int) -> list[int]:
-        """The entries (numbered in planned order) that `pieces` has, in order but starting at
-        the file `rank` / `world` of the way in: a filesystem takes a file's lock for each
-        buffered write, so ranks that write different files at a time write in parallel."""
-        files = [i for i, shard in enumerate(self.shards) for _ in shard]
-        first = rank * len(self.shards) // world
-        return sorted(pieces, key=lambda i: ((files[i] - first) % len(self.shards), i))
-
-    def create(self) -> int:
-        """Rank 0: make `out_dir` anew with every file at its exact size (what safetensors
-        checks on load), headers written, and a marker with a new export id, returned."""
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self.out_dir.mkdir(parents=True)
-        for filename, (header, size) in zip(self.filenames, self.headers, strict=True):
-            with (self.out_dir / filename).open("wb") as file:
-                file.write(header)
-                file.truncate(size)
-        export_id = int.from_bytes(os.urandom(7), "little") + 1
-        (self.out_dir / MARKER_NAME).write_text(str(export_id))
-        return export_id
-
-    def sees(self, export_id: int) -> bool:
-        """Whether this rank sees the files rank 0 created (they share a filesystem)."""
-        try:
-            return (self.out_dir / MARKER_NAME).read_text() == str(export_id)
-        except OSError:
-            return False
-
-    def write(
-        self, name: str, piece: torch.Tensor, offset: int = 0, held: HeldBytes | None = None
-    ) -> int:
-        """Write `piece` (on any device) at byte `offset` of tensor `name`; returns its bytes."""
-        if name not in self.places:
-            raise RuntimeError(f"export: got tensor {name!r}, which is not in the planned layout")
-        file, start, spec = self.places[name]
-        nbytes = piece.numel() * piece.element_size()
-        if piece.dtype != spec.dtype or offset + nbytes > spec.nbytes:
-            raise RuntimeError(
-                f"export: {name}: a {piece.dtype} piece of {nbytes} bytes at {offset} does "
-                f"not fit the planned {spec.dtype} tensor of {spec.nbytes} bytes"
-            )
-        if file not in self.fds:
-            self.fds[file] = os.open(self.out_dir / self.filenames[file], os.O_WRONLY)
-        data, position = memoryview(_host_bytes(piece, held)), start + offset
-        while data:  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
-            count = os.pwrite(self.fds[file], data, position)
-            data, position = data[count:], position + count
-        return nbytes
-
-    def close(self) -> None:
-        while self.fds:
-            os.close(self.fds.popitem()[1])
-
-    def abandon(self) -> None:
-        """After a failure: close what is open; errors ignored (the export has failed already)."""
-        for fd in self.fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-
-    def write_index(self) -> None:
-        weight_map = {name: self.filenames[i] for name, (i, _, _) in self.places.items()}
-        index = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-    def publish(self, final: Path) -> int:
-        """Rank 0, once every rank has written its part: put the export at `final`."""
-        (self.out_dir / MARKER_NAME).unlink()
-        if final.exists():
-            shutil.rmtree(final)
-        self.out_dir.rename(final)
-        return 1
-
-
-def safetensors_header(shard: list[TensorSpec]) -> tuple[bytes, dict[str, int], int]:
-    """(8-byte length + JSON header padded to 8 bytes, offset of each tensor in the data
-    section, size of the data section) for one shard file."""
-    entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offsets: dict[str, int] = {}
-    position = 0
-    for spec in sorted(shard, key=lambda s: -s.dtype.itemsize):  # stable: keeps state order
-        if spec.dtype not in SAFETENSORS_DTYPES:
-            raise TypeError(f"export: {spec.name} has dtype {spec.dtype}, which is not exported")
-        end = position + spec.nbytes
-        entries[spec.name] = {
-            "dtype": SAFETENSORS_DTYPES[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [position, end],
-        }
-        offsets[spec.name] = position
-        position = end
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header, offsets, position
-
-
-def _host_bytes(tensor: torch.Tensor, held: HeldBytes | None):
-    """The tensor's bytes in host memory, as a uint8 array (numpy has no bfloat16): no copy
-    where the tensor is already contiguous on the CPU; a copy is counted in `held`."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if held is not None and flat.data_ptr() != tensor.data_ptr():
-        held.track(flat)
-    return flat.view(torch.uint8).numpy()
 
 
 def _write_metadata(

@@ -179,7 +179,9 @@ class StepEncoder:
 def _pickled(samples: Sequence) -> bytes:
     try:
         return pickle.dumps(samples, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # named: the samples are handed to the encoder processes
+    # What pickling an unpicklable object raises: PicklingError (a class it cannot find),
+    # TypeError (a lock, a generator), AttributeError (a local function or class).
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise TypeError(
             f"the dataset's samples ({type(samples).__name__}) cannot be pickled for the encoder "
             f"processes ({type(exc).__name__}: {exc}); return plain dicts / lists or a datasets "

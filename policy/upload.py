@@ -1,9 +1,10 @@
 """Upload of exported checkpoints to the Hugging Face Hub and to S3: in the background, with retries.
 
 This module owns everything between "an export directory is complete on local disk" and "it is
-stored remotely": the two transports (`upload_to_hf`, `upload_to_s3`), bounded retries with
-exponential back-off, and `Uploader`, a worker thread with a queue so that training never waits
-for the network. Use it on the rank that writes exports (policy rank 0):
+stored remotely": bounded retries with exponential back-off, the staging of exports, and
+`Uploader`, a worker thread with a queue so that training never waits for the network (the
+transports and destinations are in `policy.upload_targets`, re-exported here). Use it on the
+rank that writes exports (policy rank 0):
 
     uploader = Uploader.from_settings(          # None when no upload is configured
         hf_repo=ckpt.hf_repo_name if ckpt.upload_hf else "", s3_mode=ckpt.upload_s3,
@@ -37,10 +38,13 @@ are "in use". Nothing here writes to, moves or deletes the export itself; a stag
 removed when all its uploads have finished, and leftovers of a crashed run are removed on the
 first `submit` into the same export root.
 
-Failures: each upload is attempted `RetryPolicy.attempts` times; every failure is logged with its
-destination and error. An upload that fails for good is logged at ERROR and reported as a failed
-`UploadResult`; it never raises into the training loop. The background worker is this module's
-only error boundary: everything else raises.
+Failures: each upload is attempted `RetryPolicy.attempts` times when it fails with one of the
+transports' errors (`retryable_errors`: the network, the remote service, the disk); every
+failure is logged with its destination and error. An upload that fails for good is logged at
+ERROR and reported as a failed `UploadResult`; it never raises into the training loop. Any other
+error is a bug: it stops the upload thread (with its traceback), and `close` reports what was
+left as failed. The result callback runs on a thread of its own, so one that raises is logged
+and the uploads go on.
 
 Not covered by the tests (they run against moto's S3 server and a fake Hub on 127.0.0.1): the
 Hub's LFS / Xet transfer of large files. The fake Hub answers "regular" for every file, so all
@@ -50,231 +54,54 @@ content travels inline in the commit; real weights will take the Xet path of hug
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import queue
-import re
 import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 from gantry.config import ConfigError
+from policy.upload_targets import (
+    Destination,
+    HubDestination,
+    S3Destination,
+    S3Mode,
+    environment_problems,
+    files_under,
+    retryable_errors,
+    upload_config_problems,
+    upload_to_hf,
+    upload_to_s3,
+)
+
+__all__ = [
+    "STAGING_DIR",
+    "Destination",
+    "HubDestination",
+    "RetryPolicy",
+    "S3Destination",
+    "S3Mode",
+    "UploadResult",
+    "Uploader",
+    "environment_problems",
+    "retryable_errors",
+    "upload_config_problems",
+    "upload_to_hf",
+    "upload_to_s3",
+]
 
 log = logging.getLogger("gantry.policy.upload")
 
 STAGING_DIR = ".upload_staging"
-S3Mode = Literal["final", "all"]
-
-# A Hub repo id: "name" (the token's own namespace) or "namespace/name".
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-
-
-# ------------------------------------------------------------------------------ validation
-
-
-def upload_config_problems(
-    *, upload_hf: bool, hf_repo_name: str, upload_s3: Any, s3_bucket: str, s3_prefix: str = ""
-) -> list[str]:
-    """What is wrong with the `[train.ckpt]` upload keys, one line per problem ([] if fine).
-
-    Needs nothing but `re`, so that it can move into the config schema as it is (gantry/ may
-    not import policy/) and be imported from there.
-    """
-    problems = []
-    if upload_hf and not hf_repo_name.strip():
-        problems.append(
-            "train.ckpt.hf_repo_name: is empty but train.ckpt.upload_hf = true; set it to a "
-            'Hub repo id such as "me/my-model", or set upload_hf = false'
-        )
-    elif upload_hf and not _REPO_ID.match(hf_repo_name):
-        problems.append(
-            f"train.ckpt.hf_repo_name: {hf_repo_name!r} is not a Hub repo id; expected "
-            '"namespace/name" with letters, digits, "-", "_" and "." only'
-        )
-    if upload_s3 not in (False, None, "final", "all"):
-        problems.append(
-            f'train.ckpt.upload_s3: expected false, "final" or "all", got {upload_s3!r}'
-        )
-    elif upload_s3 and not s3_bucket.strip():
-        problems.append(
-            f"train.ckpt.s3_bucket: is empty but train.ckpt.upload_s3 = {upload_s3!r}; set the "
-            "bucket name, or set upload_s3 = false"
-        )
-    if upload_s3 and ("/" in s3_bucket or s3_bucket.strip() != s3_bucket):
-        problems.append(
-            f"train.ckpt.s3_bucket: {s3_bucket!r} is not a bucket name; give the name only "
-            '(e.g. "my-bucket") and put the path in train.ckpt.s3_prefix'
-        )
-    if upload_s3 and "://" in s3_prefix:
-        problems.append(
-            f"train.ckpt.s3_prefix: {s3_prefix!r} looks like a URL; give the key prefix only "
-            '(e.g. "experiments/grpo"), the bucket goes in train.ckpt.s3_bucket'
-        )
-    return problems
-
-
-def environment_problems(*, hf: bool, s3: bool) -> list[str]:
-    """Missing credentials or an offline switch that would make every upload fail hours later."""
-    problems = []
-    if hf:
-        from huggingface_hub import constants, get_token
-
-        if constants.is_offline_mode():
-            problems.append(
-                "train.ckpt.upload_hf = true but HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set "
-                "for the policy, and huggingface_hub refuses to upload offline; unset it"
-            )
-        if get_token() is None:
-            problems.append(
-                "train.ckpt.upload_hf = true but no Hugging Face token was found; set HF_TOKEN "
-                "in the policy's environment or run `hf auth login`"
-            )
-    if s3:
-        import boto3
-
-        if boto3.session.Session().get_credentials() is None:
-            problems.append(
-                "train.ckpt.upload_s3 is set but boto3 finds no AWS credentials; set "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for the policy"
-            )
-    return problems
-
-
-# ------------------------------------------------------------------------------ transports
-
-
-def upload_to_s3(
-    local_dir: Path,
-    bucket: str,
-    key_prefix: str,
-    *,
-    client: Any = None,
-    transfer_config: Any = None,
-) -> list[str]:
-    """Upload every file under `local_dir` to `s3://bucket/<key_prefix>/<relative path>`.
-
-    `client` defaults to a new boto3 S3 client, so credentials, region and `AWS_ENDPOINT_URL`
-    are read from the environment now; `transfer_config` is a `boto3.s3.transfer.TransferConfig`
-    (its multipart threshold decides which files go multipart). Returns the keys, sorted.
-    """
-    import boto3
-
-    if client is None:
-        # A session per call: boto3's default session is shared and not safe to create from
-        # two threads at once, and a fresh one sees credentials rotated since the last upload.
-        client = boto3.session.Session().client("s3")
-    local_dir = Path(local_dir)
-    prefix = key_prefix.strip("/")
-    keys = []
-    for path in _files_under(local_dir):
-        relative = path.relative_to(local_dir).as_posix()
-        key = f"{prefix}/{relative}" if prefix else relative
-        client.upload_file(str(path), bucket, key, Config=transfer_config)
-        keys.append(key)
-    return keys
-
-
-def upload_to_hf(
-    local_dir: Path,
-    repo_id: str,
-    path_in_repo: str,
-    *,
-    token: str | None = None,
-    commit_message: str = "Upload checkpoint with Gantry",
-    private: bool = True,
-) -> str:
-    """Upload `local_dir` into `path_in_repo` ("" = the root) of the Hub model repo `repo_id`.
-
-    Creates the repo if it is missing (private by default; an existing repo keeps its
-    visibility), then commits the folder to its main branch. `token` defaults to
-    huggingface_hub's own lookup (`HF_TOKEN`, then the saved login). Returns the commit URL.
-    """
-    from huggingface_hub import HfApi
-
-    # huggingface_hub reads HF_ENDPOINT once, at import; read it again so that a value set
-    # later (a test, a launcher that sets the environment after imports) is honoured.
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    # The created repo's id: a bare "name" becomes "<token's user>/name".
-    commit = api.upload_folder(
-        repo_id=repo.repo_id,
-        folder_path=Path(local_dir),
-        path_in_repo=path_in_repo,
-        commit_message=commit_message,
-    )
-    return commit.commit_url
-
-
-def _files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-# ------------------------------------------------------------------------------ destinations
-
-
-class Destination(Protocol):
-    """One place exports go to; `upload` raises on failure (the caller retries)."""
-
-    def wants(self, final: bool) -> bool: ...
-
-    def describe(self, name: str, final: bool) -> str: ...
-
-    def upload(self, local_dir: Path, name: str, final: bool) -> None: ...
-
-
-@dataclass(frozen=True)
-class HubDestination:
-    """Every export to a Hub repo: `final` at the root, `step_N` in the folder `step_N/`."""
-
-    repo_id: str
-    run_id: str = ""
-
-    def wants(self, final: bool) -> bool:
-        return True
-
-    def path_in_repo(self, name: str, final: bool) -> str:
-        return "" if final else name
-
-    def describe(self, name: str, final: bool) -> str:
-        return "/".join(filter(None, [f"hf://{self.repo_id}", self.path_in_repo(name, final)]))
-
-    def upload(self, local_dir: Path, name: str, final: bool) -> None:
-        run = f" of run {self.run_id}" if self.run_id else ""
-        upload_to_hf(
-            local_dir,
-            self.repo_id,
-            self.path_in_repo(name, final),
-            commit_message=f"Gantry: upload {name}{run}",
-        )
-
-
-@dataclass(frozen=True)
-class S3Destination:
-    """Exports to `s3://bucket/<key_prefix>/<name>/`: only the final one, or all of them."""
-
-    bucket: str
-    key_prefix: str
-    mode: S3Mode = "final"
-    transfer_config: Any = None  # boto3.s3.transfer.TransferConfig; None: boto3's defaults
-
-    def wants(self, final: bool) -> bool:
-        return self.mode == "all" or final
-
-    def _prefix(self, name: str) -> str:
-        return "/".join(filter(None, [self.key_prefix.strip("/"), name]))
-
-    def describe(self, name: str, final: bool) -> str:
-        return f"s3://{self.bucket}/{self._prefix(name)}/"
-
-    def upload(self, local_dir: Path, name: str, final: bool) -> None:
-        upload_to_s3(
-            local_dir, self.bucket, self._prefix(name), transfer_config=self.transfer_config
-        )
 
 
 # ------------------------------------------------------------------------------ the uploader
@@ -328,8 +155,9 @@ class Uploader:
     """A background worker uploading exports to `destinations`, one upload at a time, in order.
 
     `submit` stages an export and returns at once; `results()` lists the outcomes so far and
-    `on_result` (called from the worker thread) hears each one as it happens; `close` waits for
-    what is queued, with a bound. Not safe to share between processes: one per run, on one rank.
+    `on_result` (called from a thread of its own, in order) hears each one as it happens;
+    `close` waits for what is queued, with a bound. Not safe to share between processes: one
+    per run, on one rank.
     """
 
     def __init__(
@@ -344,6 +172,15 @@ class Uploader:
         self.destinations = list(destinations)
         self.retry = retry or RetryPolicy()
         self.on_result = on_result
+        # The callback's own thread: its Futures carry what it raised, which is logged (see
+        # `_log_callback_error`), so a broken callback never stops the uploads. Not a daemon
+        # thread, but the policy ends with os._exit, which does not wait for it.
+        self._notifier = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="gantry-upload-result")
+            if on_result is not None
+            else None
+        )
+        self._notices: list[Future[None]] = []
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._results: list[UploadResult] = []
@@ -467,27 +304,34 @@ class Uploader:
         ERROR); the worker stops retrying, and a transfer in flight is left to the daemon thread,
         which ends with the process. Calling close() again waits again.
         """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if not self._closed:
             self._closed = True
             self._queue.put(None)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             self._abandon.set()
-            with self._lock:
-                unfinished = list(self._pending.values())
-                self._pending.clear()
-            for p in unfinished:
-                reason = f"not finished when close() stopped waiting after {timeout_s}s"
-                seconds = time.monotonic() - p.started if p.attempts else 0.0
-                result = _fail(p.destination, p.job.name, p.job.final, p.attempts, seconds, reason)
-                self._report(result, staging=p.job.staging)
+            self._report_unfinished(f"not finished when close() stopped waiting after {timeout_s}s")
+        elif self.pending():
+            self._report_unfinished("not uploaded: the upload thread stopped on an error (above)")
         else:
             for root in self._staging_roots:
                 # Empty once every upload has finished; not empty (OSError) means a staged
                 # copy of this run is still there, which was logged when it was left behind.
                 with contextlib.suppress(OSError):
                     root.rmdir()
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        wait_for(self._notices, timeout=remaining)  # `on_result` heard every outcome
         return self.results()
+
+    def _report_unfinished(self, reason: str) -> None:
+        with self._lock:
+            unfinished = list(self._pending.values())
+            self._pending.clear()
+        for p in unfinished:
+            seconds = time.monotonic() - p.started if p.attempts else 0.0
+            result = _fail(p.destination, p.job.name, p.job.final, p.attempts, seconds, reason)
+            self._report(result, staging=p.job.staging)
 
     # ------------------------------------------------------------------ the worker's side
 
@@ -510,12 +354,12 @@ class Uploader:
         job, destination = pending.job, pending.destination
         target = destination.describe(job.name, job.final)
         pending.started = started = time.monotonic()
-        error = ""
+        error, retryable = "", retryable_errors()
         for attempt in range(1, self.retry.attempts + 1):
             pending.attempts = attempt
             try:
                 destination.upload(job.staging, job.name, job.final)
-            except Exception as err:  # the error boundary: reported and retried, never raised
+            except retryable as err:  # reported and retried; anything else is a bug: raised
                 error = f"{type(err).__name__}: {err}"
             else:
                 seconds = time.monotonic() - started
@@ -572,11 +416,10 @@ class Uploader:
             )
         with self._lock:
             self._results.append(result)
-        if self.on_result is not None:
-            try:
-                self.on_result(result)
-            except Exception:  # a broken callback must not stop the uploads: log, go on
-                log.exception("the upload result callback raised on %s", result)
+            if self._notifier is not None:  # under the lock: the callback hears them in order
+                notice = self._notifier.submit(self.on_result, result)
+                notice.add_done_callback(functools.partial(_log_callback_error, result))
+                self._notices.append(notice)
 
     def _clear_stale_staging(self, root: Path) -> None:
         """Remove what a previous process left in `root` (once per root, before first use)."""
@@ -592,6 +435,11 @@ class Uploader:
             _remove_staging(path)
 
 
+def _log_callback_error(result: UploadResult, notice: Future[None]) -> None:
+    if (error := notice.exception()) is not None:
+        log.error("the upload result callback raised on %s", result, exc_info=error)
+
+
 def _fail(
     destination: Destination, name: str, final: bool, attempts: int, seconds: float, error: str
 ) -> UploadResult:
@@ -602,7 +450,7 @@ def _fail(
 
 def _link_tree(source: Path, target: Path) -> None:
     """Hard-link every file of `source` to the same relative path under `target`."""
-    for path in _files_under(source):
+    for path in files_under(source):
         linked = target / path.relative_to(source)
         linked.parent.mkdir(parents=True, exist_ok=True)
         try:

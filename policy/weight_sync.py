@@ -10,8 +10,8 @@ the sync is ordered and sends the copy from a thread while the policy trains the
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -77,28 +77,23 @@ class PolicySender:
         self.is_store_host = is_store_host
         self.sender: communicator.Sender | None = None
         self.snapshot: dict[str, torch.Tensor] = {}
-        self.sending: threading.Thread | None = None
+        # One worker: a background sync and then its report run in order, one sync at a time.
+        self.pool: ThreadPoolExecutor | None = None
+        self.sending: Future[None] | None = None  # the report of the sync in flight
 
     def send(
         self, plan: SyncPlan, version: int, called_off: Callable[[], bool] | None = None
     ) -> communicator.SendStats | None:
         """Take part in the sync `plan` (None on ranks that are not senders); SyncCancelled
         when `called_off` says the controller gave it up."""
-        if not self.is_sender:
-            return None
-        if self.sender is None:
-            store = communicator.connect_store(
-                plan.host, plan.port, host_it=self.is_store_host, timeout_s=plan.timeout_s
-            )
-            self.sender = communicator.Sender(self.manifest, self.index, store)
-        return self.sender.send(plan, version, self._local_rows, called_off)
+        return self._send(plan, version, called_off, self._local_rows)
 
     def send_in_background(
         self,
         plan: SyncPlan,
         version: int,
         called_off: Callable[[], bool],
-        done: Callable[[communicator.SendStats | None, Exception | None], None],
+        done: Callable[[communicator.SendStats | None, BaseException | None], None],
     ) -> None:
         """Copy this rank's rows now (in the transfer dtype, into buffers kept between syncs)
         and send the copy from a thread, so that training goes on while the receivers finish
@@ -113,17 +108,12 @@ class PolicySender:
             if held is None:
                 held = self.snapshot[entry.name] = torch.empty_like(rows, dtype=entry.torch_dtype)
             held.copy_(rows)
-
-        def run() -> None:
-            try:
-                stats = self.send(plan, version, called_off)
-            except Exception as exc:  # handed to the training thread, which re-raises it
-                done(None, exc)
-                return
-            done(stats, None)
-
-        self.sending = threading.Thread(target=run, name=f"weight-sync-v{version}", daemon=True)
-        self.sending.start()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
+        copy = self.snapshot  # what the thread sends: training goes on with the shards
+        sent = self.pool.submit(self._send, plan, version, called_off, lambda e: copy[e.name])
+        # The future carries the send's stats, or the exception it raised, to `done`.
+        self.sending = self.pool.submit(_report, sent, done)
 
     def call_off(self, plan: SyncPlan, version: int) -> None:
         """Release the receivers of a transfer that broke off (a no-op on ranks that are not
@@ -132,14 +122,29 @@ class PolicySender:
             self.sender.call_off(plan, version)
 
     def wait(self) -> None:
-        """Until the sync in flight (if any) is over."""
+        """Until the sync in flight (if any) is over and reported to `done`."""
         if self.sending is not None:
-            self.sending.join()
-            self.sending = None
+            sending, self.sending = self.sending, None
+            sending.result()  # raises only what `done` itself raised
+
+    def _send(
+        self,
+        plan: SyncPlan,
+        version: int,
+        called_off: Callable[[], bool] | None,
+        local_rows: Callable[[ManifestEntry], torch.Tensor],
+    ) -> communicator.SendStats | None:
+        if not self.is_sender:
+            return None
+        if self.sender is None:
+            store = communicator.connect_store(
+                plan.host, plan.port, host_it=self.is_store_host, timeout_s=plan.timeout_s
+            )
+            self.sender = communicator.Sender(self.manifest, self.index, store)
+        return self.sender.send(plan, version, local_rows, called_off)
 
     def _local_rows(self, entry: ManifestEntry) -> torch.Tensor:
-        if self.sending is not None:  # sending from the background: the copy
-            return self.snapshot[entry.name]
+        """This rank's rows of `entry`, straight from its shard (no copy)."""
         param = self.params[entry.name]
         local = param.to_local() if isinstance(param, DTensor) else param
         local = local.detach()
@@ -150,3 +155,12 @@ class PolicySender:
                 f"the manifest says {expected}"
             )
         return local
+
+
+def _report(
+    sent: Future[communicator.SendStats | None],
+    done: Callable[[communicator.SendStats | None, BaseException | None], None],
+) -> None:
+    """Hand a finished background send's outcome to `done` (run after it, on the same thread)."""
+    error = sent.exception()
+    done(None if error is not None else sent.result(), error)

@@ -24,8 +24,10 @@ from gantry.comm.protocol import (
     CheckpointSaved,
     Export,
     ExportDone,
+    GRPOStepMetrics,
     Register,
     SFTBatch,
+    SFTStepMetrics,
     StepDone,
     Stop,
     SyncWeights,
@@ -33,6 +35,7 @@ from gantry.comm.protocol import (
     UploadDone,
     Validate,
     ValidationDone,
+    ValidationMetrics,
 )
 from gantry.comm.transport import ControlPlane
 from gantry.comm.weights import SyncCancelled
@@ -173,17 +176,20 @@ class PolicyWorker:
                 self._report_checkpoints()
 
     def _handle(self, command) -> None:
+        # The trainers' metric dicts become typed messages here: a missing or an extra
+        # name fails the step rather than reaching metrics.jsonl.
         if isinstance(command, TrainBatch | SFTBatch):
             if isinstance(command, TrainBatch):
-                metrics = self.trainer.step(command.groups)
+                metrics = GRPOStepMetrics(**self.trainer.step(command.groups))
             else:
-                metrics = self.trainer.step(command.indices, command.next_indices)
+                step = self.trainer.step(command.indices, command.next_indices)
+                metrics = SFTStepMetrics(**step)
             if self.is_main:
                 self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
         elif isinstance(command, Validate):
-            metrics = self.trainer.validate()
+            validation = ValidationMetrics(**self.trainer.validate())
             if self.is_main:
-                event = ValidationDone(step=command.step, metrics=metrics)
+                event = ValidationDone(step=command.step, metrics=validation)
                 self.plane.send(self.keys.events, event)
         elif isinstance(command, SyncWeights):
             self._send_weights(command)
@@ -210,9 +216,12 @@ class PolicyWorker:
                 lambda stats, error: self._sent(command, stats, error),
             )
             return
+        # A failed transfer raises SyncCancelled or torch.distributed's errors (RuntimeError),
+        # a store that cannot be reached OSError / TimeoutError: reported below, and raised
+        # unless the sync was called off. Anything else is a bug and propagates as is.
         try:
             stats = self.weights.send(command.plan, command.version, called_off)
-        except Exception as exc:  # reported (and raised unless the sync was called off) below
+        except (RuntimeError, OSError) as exc:
             self._sent(command, None, exc)
             self._check_sync()
             return

@@ -26,6 +26,9 @@ layers repack their weights into kernel-specific buffers and empty the originals
 passed as they are in-process; across processes (RPC arguments are msgpack-encoded, so a bare
 tensor arrives as a list) CPU tensors travel as `torch.save` bytes and CUDA tensors as CUDA
 IPC handles.
+
+vLLM's internals (everything but `LLM`, `SamplingParams` and `vllm.inputs`) are reached only
+through `rollout.vllm_compat`, which checks at engine start that all of them exist.
 """
 
 from __future__ import annotations
@@ -40,22 +43,18 @@ from typing import Any
 import torch
 
 from gantry.comm.protocol import SyncPlan
+from gantry.comm.sync_groups import SyncCancelled
 from gantry.comm.weights import WeightReceiver
+from rollout import vllm_compat
 from rollout.engine import Completion, EnginePrompt, MultimodalPrompt, SamplingSettings
+from rollout.vllm_compat import GatherSpec
 
 # Default KV-cache size on the CPU build: there `gpu_memory_utilization` means "fraction of
 # host memory", and vLLM refuses to start when that much is not free at start-up.
 CPU_KV_CACHE_BYTES = 1 << 30
 # Bytes of weights per RPC when tensors must be serialised to reach the workers.
 CHUNK_BYTES = 256 << 20
-# Rows of the identity matrix pushed through a packed CPU linear kernel at once (read-back).
-PROBE_ROWS = 1024
 EXTENSION = "rollout.vllm_engine.WeightSyncExtension"
-
-# A gather spec says how one rank's shard of a weight joins the others': the tensor-parallel
-# dim to concatenate along (None: replicated), every how-many-th rank holds a distinct shard
-# (KV heads replicated when tp_size > num_kv_heads), and how many rows to keep (vocab padding).
-GatherSpec = tuple[int | None, int, int | None]
 
 
 class VLLMEngine:
@@ -103,6 +102,8 @@ class VLLMEngine:
             kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        # Engine arguments newer than vLLM's first releases: checked with the internals.
+        vllm_compat.check_vllm(["logprobs_mode", "worker_extension_cls", *kwargs])
         self._llm = LLM(
             model=str(model_path),
             tensor_parallel_size=tp_size,
@@ -116,6 +117,7 @@ class VLLMEngine:
             worker_extension_cls=EXTENSION,
             **kwargs,
         )
+        vllm_compat.check_engine(self._llm)
         self.tp_size = tp_size
         self.in_process = _engine_in_process(tp_size)
 
@@ -166,18 +168,20 @@ class VLLMEngine:
         self._forget_cached_prefixes()
 
     def receive_weights(self, plan: SyncPlan, manifest: str, version: int, replica: str) -> None:
-        """Every TP worker joins the sync and loads the broadcast weights as they arrive."""
-        self._llm.collective_rpc(
+        """Every TP worker joins the sync and loads the broadcast weights as they arrive.
+        SyncCancelled if the controller called the sync off (raised here, in this process:
+        vLLM's engine-core process would turn it into a bare Exception)."""
+        answers = self._llm.collective_rpc(
             "gantry_receive_weights", args=(plan.model_dump(), manifest, version, replica)
         )
+        # Also when called off: the workers may hold part of the new weights by then.
         self._forget_cached_prefixes()
+        reasons = [reason for reason in answers if reason is not None]
+        if reasons:
+            raise SyncCancelled(reasons[0])
 
     def _forget_cached_prefixes(self) -> None:
-        # Cached KV blocks, and a VLM's cached vision embeddings, were computed with the old
-        # weights.
-        if not self._llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
-        self._llm.llm_engine.reset_encoder_cache()
+        vllm_compat.reset_engine_caches(self._llm)
 
     def _payloads(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple]:
         if self.in_process:
@@ -199,16 +203,13 @@ class VLLMEngine:
         return gather_ranks([decode_read(result) for result in results])
 
     def close(self) -> None:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
-        llm.llm_engine.engine_core.shutdown()
+        vllm_compat.shutdown_engine_core(llm)
         del llm
         gc.collect()
-        # Frees the process group an in-process engine made, so another engine can start.
-        cleanup_dist_env_and_memory()
+        vllm_compat.cleanup_distributed()
         torch.set_num_threads = self._set_num_threads
 
 
@@ -225,9 +226,7 @@ def cpu_binding(tp_size: int) -> str:
 
 def _engine_in_process(tp_size: int) -> bool:
     """Whether the (only) worker runs in this process, so RPC arguments are not serialised."""
-    import vllm.envs as envs
-
-    return tp_size == 1 and not envs.VLLM_ENABLE_V1_MULTIPROCESSING
+    return tp_size == 1 and not vllm_compat.multiprocessing_enabled()
 
 
 def _sampling_params(sampling: SamplingSettings, index: int, banned: list[str] | None = None):
@@ -338,36 +337,28 @@ class WeightSyncExtension:
     Methods are prefixed `gantry_` so they cannot collide with the worker's own.
     """
 
-    def gantry_begin_load(self) -> None:
-        from vllm.config import set_current_vllm_config
+    def gantry_check_worker(self) -> list[str]:
+        """The vLLM internals this worker lacks (`vllm_compat.missing_in_worker`)."""
+        return vllm_compat.missing_in_worker(self)
 
-        layerwise = _layerwise_reload()
-        if layerwise is not None:
-            with set_current_vllm_config(self.vllm_config):
-                # Puts every layer back into checkpoint format (on the meta device) and wraps
-                # its weight loaders to process and copy into the kernel tensors when complete.
-                layerwise[0](self.model_runner.get_model())
+    def gantry_begin_load(self) -> None:
+        with vllm_compat.current_vllm_config(self):
+            vllm_compat.begin_layerwise_reload(self.model_runner.get_model())
 
     def gantry_load_chunk(self, payload: tuple) -> None:
         self._gantry_load(decode_chunk(payload, self.device))
 
     def _gantry_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from vllm.config import set_current_vllm_config
-
-        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+        with vllm_compat.current_vllm_config(self), torch.no_grad():
             self.model_runner.get_model().load_weights(weights)
 
     def _gantry_load_bucket(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Load one received bucket, whose tensors view a buffer reused for a later bucket.
         The layerwise reload keeps the tensors of a layer it cannot process yet (a padded
         vocabulary is never "complete" until the end): those are copied out."""
-        held = _layerwise_held_arguments()
-        if held is None:  # no layerwise reload to inspect: copy everything
-            self._gantry_load([(name, tensor.clone()) for name, tensor in weights])
-            return
         self._gantry_load(weights)
         storages = {tensor.untyped_storage().data_ptr() for _, tensor in weights}
-        for arguments in held():
+        for arguments in vllm_compat.held_loader_arguments():
             for key, value in list(arguments.items()):
                 in_buffer = (
                     isinstance(value, torch.Tensor)
@@ -377,41 +368,40 @@ class WeightSyncExtension:
                 if in_buffer:
                     arguments[key] = value.clone()
 
-    def gantry_receive_weights(self, plan: dict, manifest: str, version: int, replica: str):
+    def gantry_receive_weights(
+        self, plan: dict, manifest: str, version: int, replica: str
+    ) -> str | None:
         """Receive a weight sync on this TP rank (full tensors; vLLM's weight loaders take
-        this rank's slice) and load it in place, bucket by bucket."""
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        receiver = getattr(self, "_gantry_receiver", None)
+        this rank's slice) and load it in place, bucket by bucket. Returns None, or why the
+        controller called the sync off: an exception raised here would reach the engine as
+        vLLM's bare Exception when the worker runs in another process."""
+        receiver = getattr(self, "_gantry_receiver", None)  # ours: made at the first sync
         if receiver is None:
             receiver = self._gantry_receiver = WeightReceiver(self.device)
-        tp_rank = get_tensor_model_parallel_rank()
+        tp_rank = vllm_compat.tensor_parallel_rank()
         self.gantry_begin_load()
         try:
             receiver.receive(
                 SyncPlan.model_validate(plan), manifest, version, replica, tp_rank,
                 self._gantry_load_bucket,
             )  # fmt: skip
+        except SyncCancelled as cancelled:
+            return str(cancelled)
         finally:
             self.gantry_finish_load()
+        return None
 
     def gantry_finish_load(self) -> None:
-        from vllm.config import set_current_vllm_config
-
         model = self.model_runner.get_model()
-        layerwise = _layerwise_reload()
-        with set_current_vllm_config(self.vllm_config), torch.no_grad():
-            if layerwise is not None:
-                layerwise[1](model, self.vllm_config.model_config)
-            _repack_tied_embeddings(model)
-        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
-            if hasattr(self.model_runner, reset):
-                getattr(self.model_runner, reset)()
+        with vllm_compat.current_vllm_config(self), torch.no_grad():
+            vllm_compat.finish_layerwise_reload(model, self.vllm_config.model_config)
+            vllm_compat.repack_tied_embeddings(model)
+        vllm_compat.reset_worker_caches(self.model_runner)
 
     def gantry_read_weights(self, serialize: bool) -> tuple[dict, Any]:
         model = self.model_runner.get_model()
         with torch.no_grad():
-            entries = list(_hf_named_weights(model))
+            entries = list(vllm_compat.hf_named_weights(model))
         specs = {name: list(spec) for name, _, spec in entries}
         tensors = {name: tensor.detach().to("cpu").clone() for name, tensor, _ in entries}
         if not serialize:
@@ -419,145 +409,3 @@ class WeightSyncExtension:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         return specs, buffer.getvalue()
-
-
-def _layerwise_reload():
-    """vLLM's layerwise reload pair (vLLM >= 0.11), or None for a plain `load_weights`."""
-    try:
-        from vllm.model_executor.model_loader.reload import (
-            finalize_layerwise_reload,
-            initialize_layerwise_reload,
-        )
-    except ImportError:
-        return None
-    return initialize_layerwise_reload, finalize_layerwise_reload
-
-
-def _layerwise_held_arguments():
-    """A function listing the weight-loader arguments the layerwise reload holds for layers
-    not processed yet (None if this vLLM has no such reload)."""
-    try:
-        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
-    except ImportError:
-        return None
-
-    def held():
-        for info in list(LAYERWISE_INFO.values()):
-            for _name, bound in info.loaded_weights:
-                yield bound.arguments
-
-    return held
-
-
-def _repack_tied_embeddings(model: torch.nn.Module) -> None:
-    """Re-derive the kernel state of modules that share their weight with another module.
-
-    With tied embeddings `lm_head.weight` is `embed_tokens.weight`: the reload writes the new
-    values through `embed_tokens`, but the CPU build's `lm_head` computes from a packed copy
-    made when it was last processed, which the reload does not redo (only one owner of a
-    tied parameter is processed). Unquantized embeddings are cheap and safe to re-process.
-    """
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
-    owners: dict[int, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(module)
-    for modules in owners.values():
-        if len(modules) < 2:
-            continue
-        for module in modules:
-            method = getattr(module, "quant_method", None)
-            if isinstance(method, UnquantizedEmbeddingMethod):
-                method.process_weights_after_loading(module)
-
-
-def _hf_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, GatherSpec]]:
-    """This rank's weights as the kernels see them, fused modules split into HF names."""
-    packed = getattr(model, "packed_modules_mapping", {}) or {}
-    for module_name, module in model.named_modules():
-        for param_name, param in module._parameters.items():
-            if param is None:
-                continue
-            tensor = _effective_tensor(module, param_name, param)
-            spec = _gather_spec(module, param_name)
-            short = module_name.rpartition(".")[2]
-            if short in packed and len(packed[short]) > 1:
-                yield from _unfuse(module, module_name, param_name, tensor, spec, packed[short])
-            else:
-                yield _join(module_name, param_name), tensor, spec
-
-
-def _join(module_name: str, param_name: str) -> str:
-    return f"{module_name}.{param_name}" if module_name else param_name
-
-
-def _unfuse(module, module_name, param_name, tensor, spec, parts):
-    """Split a fused column-parallel output (qkv_proj, gate_up_proj) into its HF pieces."""
-    tp = getattr(module, "tp_size", 1)
-    sizes = [size // tp for size in module.output_sizes]
-    if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
-        raise ValueError(f"cannot split {module_name}.{param_name}: {sizes} vs {tensor.shape}")
-    prefix = module_name.rpartition(".")[0]
-    dim, _, keep = spec
-    # In a QKV module k and v (parts 1 and 2) are replicated over ranks when tp > kv heads.
-    kv_replicas = getattr(module, "num_kv_head_replicas", None)
-    pieces = tensor.split(sizes, dim=0)
-    for i, (part, piece) in enumerate(zip(parts, pieces, strict=True)):
-        stride = kv_replicas if kv_replicas and i > 0 else 1
-        yield _join(_join(prefix, part), param_name), piece, (dim, stride, keep)
-
-
-def _gather_spec(module: torch.nn.Module, param_name: str) -> GatherSpec:
-    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-    if isinstance(module, VocabParallelEmbedding):
-        # Rows past the real vocabulary are padding (to a multiple of 64, then split).
-        return 0, 1, module.org_vocab_size
-    if getattr(module, "tp_size", 1) == 1:
-        return None, 1, None
-    if isinstance(module, ColumnParallelLinear):
-        return 0, 1, None
-    if isinstance(module, RowParallelLinear) and param_name == "weight":
-        return 1, 1, None  # the bias of a row-parallel layer is whole on every rank
-    return None, 1, None
-
-
-def _effective_tensor(module: torch.nn.Module, param_name: str, param: torch.Tensor):
-    """The values a module computes with, even where the CPU build repacked them away."""
-    if param_name != "weight" or not _computes_with_cpu_kernel(module):
-        return param
-    in_features = getattr(module, "input_size_per_partition", None)
-    if in_features is None:
-        in_features = param.shape[1]
-    return _probe_linear(module, in_features, param.dtype, param.device)
-
-
-def _computes_with_cpu_kernel(module: torch.nn.Module) -> bool:
-    """True for CPU-build linear layers (and LM heads) that matmul with a packed weight."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import (
-        ParallelLMHead,
-        VocabParallelEmbedding,
-    )
-
-    if not hasattr(module, "cpu_linear"):
-        return False
-    # An input embedding looks rows up in `weight` itself; its cpu_linear is never used.
-    return not isinstance(module, VocabParallelEmbedding) or isinstance(module, ParallelLMHead)
-
-
-def _probe_linear(module, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Read a packed CPU weight back by pushing identity rows through the layer's kernel.
-
-    `cpu_linear(I, W, None)` is `I @ W.T`: each output element is one weight times 1.0 plus
-    zeros, so the read-back is exact. Done in blocks of rows to bound memory.
-    """
-    blocks = []
-    for start in range(0, in_features, PROBE_ROWS):
-        rows = min(PROBE_ROWS, in_features - start)
-        eye = torch.zeros(rows, in_features, dtype=dtype, device=device)
-        eye[:, start : start + rows].fill_diagonal_(1.0)
-        blocks.append(module.cpu_linear(eye, module.weight, None))
-    return torch.cat(blocks, dim=0).t().contiguous()

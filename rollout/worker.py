@@ -26,6 +26,7 @@ from gantry.comm.protocol import (
     SyncWeights,
     WeightsSynced,
 )
+from gantry.comm.sync_groups import SyncCancelled
 from gantry.comm.transport import ControlPlane, Delivery
 from gantry.config import GantryConfig
 from gantry.data.plugin import load_dataset_script
@@ -46,6 +47,7 @@ def make_engine(config: GantryConfig, model_path: str) -> RolloutEngine:
         from rollout.hf_engine import HFEngine
 
         return HFEngine(model_path, dtype=getattr(torch, dtype))
+    from rollout.vllm_compat import LAYERWISE_LOGGER
     from rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
@@ -59,7 +61,7 @@ def make_engine(config: GantryConfig, model_path: str) -> RolloutEngine:
     )
     # Warns at every in-place reload that rotary buffers have no checkpoint weights; they are
     # kept as they were, which is right. Set after start-up: vLLM configures its loggers then.
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    logging.getLogger(LAYERWISE_LOGGER).setLevel(logging.ERROR)
     return engine
 
 
@@ -132,9 +134,10 @@ class RolloutWorker:
             self.manifest = raw.decode()
         try:
             self.engine.receive_weights(command.plan, self.manifest, command.version, self.replica)
-        except Exception:
-            # SyncCancelled, however the engine's worker processes wrapped it: the controller
-            # gave this sync up (another member died) and will order a new one.
+        except SyncCancelled:
+            # The controller gave this sync up (another member died) and will order a new
+            # one. Every engine raises it here, in this process (`VLLMEngine` re-raises it
+            # from its workers' answers), so nothing else needs catching.
             called_off = self.keys.sync_called_off(command.plan.group, command.version)
             if not self.plane.redis.exists(called_off):
                 raise

@@ -233,14 +233,14 @@ def test_gather_ranks_joins_tensor_parallel_shards():
 
 def test_packed_cpu_weights_read_back_exactly(monkeypatch):
     """The identity probe recovers a weight hidden in a kernel, block by block."""
-    import rollout.vllm_engine as vllm_engine
+    import rollout.vllm_compat as vllm_compat
 
-    monkeypatch.setattr(vllm_engine, "PROBE_ROWS", 3)  # 3 + 3 + 1 rows of the identity
+    monkeypatch.setattr(vllm_compat, "PROBE_ROWS", 3)  # 3 + 3 + 1 rows of the identity
     weight = torch.randn(5, 7)
     layer = torch.nn.Module()
     layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # repacked away
     layer.cpu_linear = lambda x, w, bias: torch.nn.functional.linear(x, weight, bias)
-    read = vllm_engine._probe_linear(layer, 7, torch.float32, torch.device("cpu"))
+    read = vllm_compat.probe_linear(layer, 7, torch.float32, torch.device("cpu"))
     assert torch.equal(read, weight)
 
 
@@ -332,6 +332,66 @@ def test_vllm_read_weights_match_checkpoint(vllm_case):
 @pytest.mark.timeout(300)
 def test_vllm_load_weights_in_place(vllm_case):
     check_weight_update(vllm_case.engine, vllm_case.other_dir, vllm_case.model_dir, vllm_case.tied)
+
+
+def _runner_class_defining(engine, method: str) -> type:
+    """The class of the engine's model runner (in this process) that defines `method`."""
+    (runner,) = engine._llm.collective_rpc(lambda worker: type(worker.model_runner))
+    return next(cls for cls in runner.__mro__ if method in vars(cls))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_vllm_workers_are_checked_for_every_internal_the_engine_uses(vllm_case, monkeypatch):
+    from rollout.vllm_compat import VLLMInternalsMissing, check_engine
+
+    llm = vllm_case.engine._llm
+    assert llm.collective_rpc("gantry_check_worker") == [[]]
+    monkeypatch.delattr(
+        _runner_class_defining(vllm_case.engine, "reset_mm_cache"), "reset_mm_cache"
+    )
+    with pytest.raises(VLLMInternalsMissing, match=r"lacks .* in its workers") as raised:
+        check_engine(llm)
+    assert raised.value.missing == ["model_runner.reset_mm_cache"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_vllm_weight_update_stops_when_a_worker_cache_cannot_be_reset(vllm_case, monkeypatch):
+    """No cache reset is skipped: the update fails, naming it (the start-up check would have
+    stopped this vLLM before any update)."""
+    cls = _runner_class_defining(vllm_case.engine, "reset_encoder_cache")
+    monkeypatch.delattr(cls, "reset_encoder_cache")
+    same = load_hf(vllm_case.model_dir)  # the weights it holds: later tests see no change
+    with pytest.raises(AttributeError, match="reset_encoder_cache"):
+        vllm_case.engine.load_weights(same.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_vllm_sync_called_off_in_the_workers_is_raised_by_the_engine(vllm_case, monkeypatch):
+    """The workers answer a called-off sync (vLLM's engine-core process would turn a raised
+    SyncCancelled into a bare Exception); the engine raises it, for the rollout worker."""
+    from gantry.comm.protocol import Receiver, SyncPlan
+    from gantry.comm.sync_groups import SyncCancelled
+    from gantry.comm.weights import WeightReceiver
+
+    def called_off(self, plan, manifest, version, replica, tp_rank, load):
+        raise SyncCancelled(f"weight sync v{version} was called off by the controller")
+
+    monkeypatch.setattr(WeightReceiver, "receive", called_off)  # as if a member had died
+    plan = SyncPlan(
+        group="g", host="127.0.0.1", port=1, receivers=[Receiver(replica="0", ranks=1)],
+        timeout_s=5.0,
+    )  # fmt: skip
+    from rollout import vllm_compat
+
+    resets = []
+    reset = vllm_compat.reset_engine_caches
+    monkeypatch.setattr(vllm_compat, "reset_engine_caches", lambda llm: resets.append(reset(llm)))
+    with pytest.raises(SyncCancelled, match="v7 was called off"):
+        vllm_case.engine.receive_weights(plan, "{}", 7, "0")
+    assert len(resets) == 1  # the workers answered; caches reset (they may hold new weights)
 
 
 # The same checks with vLLM's engine core and worker in other processes (the layout of every

@@ -274,7 +274,10 @@ SHARDED_CASES = {  # name: (tied, dtype, ranks, replicas, mode)
 }
 
 
-@pytest.fixture(scope="module", params=list(SHARDED_CASES))
+# Every case's setup (an FSDP2 model trained one step on 2-4 ranks, then exported) takes 5-20 s.
+@pytest.fixture(
+    scope="module", params=[pytest.param(c, marks=pytest.mark.slow) for c in SHARDED_CASES]
+)
 def sharded_export(request, tmp_path_factory, odd_vocab_model_dir, tiny_tied_model_dir):
     """Export an FSDP2 model trained one step; (source, export, reference, stats, tied, dtype,
     whether it gathered)."""
@@ -328,6 +331,7 @@ def test_sharded_export_holds_nothing_beyond_the_shards(sharded_export):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_failure_on_rank_0_is_raised_on_every_rank(tmp_path, tiny_model_dir):
     script = tmp_path / "rank.py"
@@ -340,6 +344,7 @@ def test_a_failure_on_rank_0_is_raised_on_every_rank(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_failure_on_another_rank_is_raised_on_every_rank(tmp_path, odd_vocab_model_dir):
     script = tmp_path / "rank.py"
@@ -402,6 +407,7 @@ ROWS_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_each_rank_writes_its_rows_even_when_it_has_none(tmp_path):
     script = tmp_path / "rows.py"

@@ -177,6 +177,7 @@ def test_a_reachable_redis_wants_the_password(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_a_two_node_run_survives_the_policy_on_node_0_dying(tmp_path):
     """Node 0 runs the controller and the policy, node 1 the rollout replica; the policy is

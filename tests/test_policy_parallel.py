@@ -66,6 +66,7 @@ def _run(tmp_path, model_dir, name, nproc, *overrides):
     return json.loads(out.with_suffix(".json").read_text()), torch.load(out.with_suffix(".pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_sharded_and_replicated_steps_match_one_process(tmp_path, tiny_model_dir):
@@ -110,6 +111,7 @@ def test_world_size_mismatch_says_what_to_change():
         ParallelDims(dp_replicate=2, dp_shard=2).check_world(3)
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_bfloat16_compute_stays_close_to_float32(tmp_path, tiny_model_dir):

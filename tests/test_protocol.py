@@ -13,6 +13,15 @@ PLAN = p.SyncPlan(
     receivers=[p.Receiver(replica="0", ranks=2), p.Receiver(replica="1", ranks=1)],
     timeout_s=60.0,
 )
+GRPO_METRICS = p.GRPOStepMetrics(
+    loss=0.5, kl_ref=0.0, kl_behaviour=0.01, ratio_mean=1.0, clip_fraction=0.1,
+    grad_norm=2.0, lr=1e-5, tokens=96.0, policy_seconds=0.3,
+)  # fmt: skip
+SFT_METRICS = p.SFTStepMetrics(
+    loss=1.5, grad_norm=0.7, lr=2e-5, tokens=400.0, assistant_tokens=120.0,
+    tokens_per_s=900.0, policy_seconds=0.4, truncated_samples=1.0,
+)  # fmt: skip
+VALIDATION = p.ValidationMetrics(val_loss=1.25, val_tokens=40.0, val_samples=4.0, val_seconds=0.2)
 SAMPLES = [
     p.PromptTask(prompt_id="0:3", epoch=0, index=3),
     p.SyncWeights(version=7, plan=PLAN),
@@ -27,11 +36,11 @@ SAMPLES = [
         ],
     ),
     p.Register(role="rollout", replica="1", pid=42, host="h"),
-    p.StepDone(step=3, metrics={"loss": 0.5}),
+    p.StepDone(step=3, metrics=GRPO_METRICS),
     p.Export(step=3, path="/x", final=True),
     p.SFTBatch(step=2, indices=[4, 0, 7]),
     p.Validate(step=5),
-    p.ValidationDone(step=5, metrics={"val_loss": 1.25, "val_tokens": 40.0}),
+    p.ValidationDone(step=5, metrics=VALIDATION),
     p.ExportDone(step=3, path="/x", final=False),
     p.WeightsSynced(replica="0", version=2, seconds=0.1),
     p.WorkerFailed(role="policy", replica="0", error="boom"),
@@ -81,3 +90,35 @@ def test_sync_plan_numbers_every_rollout_rank_after_the_sender():
         PLAN.rank_of("2", 0)
     with pytest.raises(ValueError, match="has 1 ranks"):
         PLAN.rank_of("1", 1)
+
+
+def test_step_metrics_keep_their_kind_and_values_through_the_codec():
+    for metrics in (GRPO_METRICS, SFT_METRICS):
+        decoded = p.decode(p.encode(p.StepDone(step=1, metrics=metrics)))
+        assert type(decoded.metrics) is type(metrics)
+        assert decoded.metrics.model_dump() == metrics.model_dump()
+    # The names of metrics.jsonl, in the order the trainers reported them.
+    assert list(GRPO_METRICS.model_dump()) == [
+        "loss", "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction",
+        "grad_norm", "lr", "tokens", "policy_seconds",
+    ]  # fmt: skip
+    assert list(SFT_METRICS.model_dump()) == [
+        "loss", "grad_norm", "lr", "tokens", "assistant_tokens",
+        "tokens_per_s", "policy_seconds", "truncated_samples",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", [p.GRPOStepMetrics, p.SFTStepMetrics, p.ValidationMetrics])
+def test_metrics_with_a_missing_or_an_extra_field_are_refused(kind):
+    sample = {p.GRPOStepMetrics: GRPO_METRICS, p.SFTStepMetrics: SFT_METRICS}.get(kind, VALIDATION)
+    fields = sample.model_dump()
+    missing = dict(list(fields.items())[1:])
+    with pytest.raises(ValidationError, match="Field required"):
+        kind(**missing)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        kind(**fields, surprise=1.0)
+    event = p.ValidationDone if kind is p.ValidationMetrics else p.StepDone
+    for bad in (missing, {**fields, "surprise": 1.0}):
+        with pytest.raises(ValidationError):
+            p.decode(msgpack.packb({"type": event.model_fields["type"].default, "step": 1,
+                                    "metrics": bad}))  # fmt: skip

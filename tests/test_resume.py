@@ -107,6 +107,7 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path):
     assert result["steps"] == 6 and result["resumed_from"].endswith("step_4")
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.redis
 @pytest.mark.timeout(400)

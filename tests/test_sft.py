@@ -193,6 +193,7 @@ SFT_RANK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_two_ranks_with_and_without_images_take_the_one_process_step(tiny_vlm, tmp_path):
@@ -274,6 +275,7 @@ def _sft(out: Path, *extra: str) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.timeout(600)
 def test_sft_resumes_from_a_checkpoint_to_the_same_losses_and_weights(tmp_path):

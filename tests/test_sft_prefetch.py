@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from policy.sft_prefetch import EncoderSpec, StepEncoder
+from policy.sft_prefetch import EncoderSpec, StepEncoder, _pickled
 from tests.distributed_helpers import ROOT
 
 
@@ -103,6 +103,16 @@ def test_unpicklable_samples_are_refused_with_the_fix(tiny_llm):
         StepEncoder(spec, samples, workers=1)
 
 
+def test_samples_holding_functions_are_refused_with_the_fix():
+    def local_scorer():  # a local function: pickle raises AttributeError
+        return 0.0
+
+    for held in (local_scorer, lambda: 0.0):  # a lambda: pickle raises PicklingError
+        with pytest.raises(TypeError, match="dataloader_num_workers = 0"):
+            _pickled([{"messages": [], "score": held}])
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_encoder_processes_exit_when_the_training_process_is_killed(tiny_llm, tmp_path):
     """SIGKILL of the training process (no shutdown) must not leave its encoders behind."""

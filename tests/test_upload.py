@@ -371,6 +371,29 @@ def test_a_failing_result_callback_does_not_stop_the_uploads(tmp_path, caplog):
     assert "broken callback" in caplog.text
 
 
+class BrokenDestination(GatedDestination):
+    """A destination with a bug: not a transport error, so never retried."""
+
+    def upload(self, local_dir: Path, name: str, final: bool) -> None:
+        raise TypeError("a bug in the destination")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bug_is_not_retried_and_what_it_left_is_reported_at_close(tmp_path, caplog):
+    uploader = Uploader([BrokenDestination()], retry=FAST)
+    for name in ("step_20", "step_40"):
+        uploader.submit(make_export(tmp_path, name, big=1024), name=name, final=False)
+    with caplog.at_level(logging.WARNING, logger="gantry.policy.upload"):
+        results = uploader.close(timeout_s=30)
+
+    assert [(r.name, r.ok, r.attempts) for r in results] == [
+        ("step_20", False, 1),  # one attempt: a TypeError is no network error
+        ("step_40", False, 0),
+    ]
+    assert all("the upload thread stopped on an error" in r.error for r in results)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], "no retry logged"
+
+
 # ------------------------------------------------------------------------------ settings
 
 

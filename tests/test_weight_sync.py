@@ -131,10 +131,29 @@ def test_arena_reuses_its_memory():
     assert arena.take(5, torch.bfloat16).data_ptr() == pointer
 
 
+def test_a_failed_load_still_receives_every_bucket_then_raises():
+    taken = []
+
+    class Buckets:  # stands in for a Receiver: counts the buckets its caller took
+        def receive(self, plan, version, replica, tp_rank):
+            for index in range(4):
+                taken.append(index)
+                yield [(f"w{index}", torch.zeros(1))]
+
+    def load(weights):
+        if weights[0][0] == "w1":
+            raise ValueError("the engine rejected w1")
+
+    with pytest.raises(ValueError, match="rejected w1"):
+        communicator.receive_and_load(Buckets(), make_plan(1, {"r0": 1}, "g"), 1, "r0", 0, load)
+    assert taken == [0, 1, 2, 3], "the senders block until every receiver took every bucket"
+
+
 # --------------------------------------------------------------------------------------------
 # Across processes
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(

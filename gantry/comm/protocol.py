@@ -175,20 +175,58 @@ class Register(_Message):
     ranks: int = 1  # a rollout replica's weight-receiving (tensor-parallel) ranks
 
 
+class GRPOStepMetrics(_Message):
+    """What a GRPO policy step reports: means over the completion tokens of the whole step
+    batch, all ranks together. The field names are the keys of metrics.jsonl."""
+
+    loss: float
+    kl_ref: float  # k3 KL to the reference model (0 without one: kl_beta = 0)
+    kl_behaviour: float  # k3 KL to the weights that sampled the batch
+    ratio_mean: float  # importance ratio pi / pi_behaviour
+    clip_fraction: float  # tokens whose ratio was clipped
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate of the step
+    tokens: float  # completion tokens of the step, all ranks
+    policy_seconds: float
+
+
+class SFTStepMetrics(_Message):
+    """What an SFT policy step reports, all ranks together (keys of metrics.jsonl)."""
+
+    loss: float  # token mean over the assistant tokens of the step
+    grad_norm: float
+    lr: float
+    tokens: float  # all non-pad tokens of the step's conversations
+    assistant_tokens: float  # the trained ones
+    tokens_per_s: float
+    policy_seconds: float
+    truncated_samples: float  # conversations cut at policy.model_max_length
+
+
+class ValidationMetrics(_Message):
+    """The validation loss and what it was measured on (keys of metrics.jsonl)."""
+
+    val_loss: float  # token mean over the assistant tokens of every validation sample
+    val_tokens: float
+    val_samples: float
+    val_seconds: float
+
+
 class StepDone(_Message):
-    """The policy finished step `step`; its weights are now version `step`."""
+    """The policy finished step `step`; its weights are now version `step`. The metrics are
+    told apart by their fields (each model refuses a missing or an extra one)."""
 
     type: Literal["step_done"] = "step_done"
     step: int
-    metrics: dict[str, float]
+    metrics: GRPOStepMetrics | SFTStepMetrics
 
 
 class ValidationDone(_Message):
-    """The validation loss (token mean over the assistant tokens of every validation sample)."""
+    """The validation loss after step `step` (0: before training)."""
 
     type: Literal["validation_done"] = "validation_done"
     step: int
-    metrics: dict[str, float]
+    metrics: ValidationMetrics
 
 
 class ExportDone(_Message):

@@ -13,43 +13,84 @@ tensor per sender per bucket, one broadcast each, the next bucket posted before 
 one is unpacked. Groups are formed at run time through a TCPStore hosted by policy rank 0 at
 the address in the `SyncPlan`, gloo on CPU and NCCL on GPU. Before each sync every member
 checks in at the store, so a sync that stalls names the ranks that did not arrive.
+
+This module owns the transfer (`Sender`, `Receiver`, `WeightReceiver`); the manifest and bucket
+layouts are in `gantry.comm.manifest`, the groups, store and check-in in `gantry.comm.sync_groups`.
+Every name of those two that callers use is re-exported here (`gantry.comm.weights.Manifest`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from gantry.comm.manifest import (
+    DEFAULT_BUCKET_BYTES,
+    DIRECT_MIN_BYTES,
+    PIPELINE_DEPTH,
+    Arena,
+    BucketLayout,
+    Manifest,
+    ManifestEntry,
+    even_splits,
+    layer_of,
+    pipeline_arenas,
+    plan_buckets,
+    rows_of,
+)
 from gantry.comm.protocol import SyncPlan
+from gantry.comm.sync_groups import (
+    CALLED_OFF_POLL_S,
+    SyncCancelled,
+    SyncGroup,
+    SyncStalled,
+    backend_for_device,
+    call_off,
+    check_in,
+    connect_store,
+    create_group,
+    is_called_off,
+    member_names,
+    receiver_name,
+    sender_name,
+)
 
-DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
-# Buckets in flight: one being received (or packed) while the previous one is loaded (or sent).
-PIPELINE_DEPTH = 2
-# A tensor this large goes in broadcasts of its own, from and into its final place: no copies.
-DIRECT_MIN_BYTES = 1 << 20
-
-
-CALLED_OFF_POLL_S = 0.5  # how often a waiting member looks for a called-off sync
-CANCELLED = "called-off"
-
-
-class SyncCancelled(RuntimeError):
-    """The controller called the sync off (a member died). Called off in the check-in,
-    nothing was sent; during the transfer, a receiver may hold part of the new weights, and
-    the controller's next sync (without the dead member) sends them all again."""
-
-
-class SyncStalled(RuntimeError):
-    """Members of a weight sync did not arrive in time."""
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "DIRECT_MIN_BYTES",
+    "PIPELINE_DEPTH",
+    "Arena",
+    "BucketLayout",
+    "Manifest",
+    "ManifestEntry",
+    "Receiver",
+    "SendStats",
+    "Sender",
+    "SyncCancelled",
+    "SyncGroup",
+    "SyncStalled",
+    "WeightReceiver",
+    "backend_for_device",
+    "call_off",
+    "check_in",
+    "connect_store",
+    "create_group",
+    "even_splits",
+    "is_called_off",
+    "layer_of",
+    "member_names",
+    "plan_buckets",
+    "receive_and_load",
+    "receiver_name",
+    "rows_of",
+    "sender_name",
+]
 
 
 def _device() -> torch.device:
@@ -58,310 +99,6 @@ def _device() -> torch.device:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-
-
-def backend_for_device() -> str:
-    # "cpu:gloo,cuda:nccl" fails on the CPU wheel, so choose by what the machine has.
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-# ---------------------------------------------------------------------------------------------
-# The manifest
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # the transfer dtype, e.g. "bfloat16"
-    splits: tuple[int, ...]  # rows of dim 0 held by each sender, in sender order
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:])
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.torch_dtype.itemsize
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a sync sends, agreed once: entries in order, the senders and the bucket size."""
-
-    entries: list[ManifestEntry]
-    senders: int
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    direct_min_bytes: int = DIRECT_MIN_BYTES
-    buckets: list[BucketLayout] = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        for e in self.entries:
-            rows = rows_of(e.shape)
-            if len(e.splits) != self.senders or sum(e.splits) != rows:
-                raise ValueError(f"{e.name}: splits {e.splits} do not cover {rows} rows")
-        buckets = plan_buckets(self.entries, self.bucket_bytes)
-        layouts = [BucketLayout(b, self.senders, self.direct_min_bytes) for b in buckets]
-        object.__setattr__(self, "buckets", layouts)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
-
-    def to_json(self) -> str:
-        entries = [[e.name, list(e.shape), e.dtype, list(e.splits)] for e in self.entries]
-        return json.dumps(
-            {
-                "senders": self.senders,
-                "bucket_bytes": self.bucket_bytes,
-                "direct_min_bytes": self.direct_min_bytes,
-                "entries": entries,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Manifest:
-        data = json.loads(text)
-        entries = [
-            ManifestEntry(name, tuple(shape), dtype, tuple(splits))
-            for name, shape, dtype, splits in data["entries"]
-        ]
-        return cls(entries, data["senders"], data["bucket_bytes"], data["direct_min_bytes"])
-
-
-def rows_of(shape: tuple[int, ...] | torch.Size) -> int:
-    """Rows of dim 0, the unit shards are cut in (a scalar is one row)."""
-    return shape[0] if len(shape) else 1
-
-
-def even_splits(rows: int, senders: int) -> tuple[int, ...]:
-    """Rows per shard when `rows` are cut like FSDP2's Shard(0) (torch.chunk: ceil-sized)."""
-    size = -(-rows // senders) if rows else 0
-    return tuple(max(0, min(size, rows - i * size)) for i in range(senders))
-
-
-def layer_of(name: str) -> str:
-    """The module that owns the module of parameter `name` (".self_attn" for its q/k/v_proj):
-    engines fuse parameters of one such module into one layer (vLLM's qkv_proj, gate_up_proj)."""
-    return name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
-
-
-def plan_buckets(
-    entries: list[ManifestEntry], bucket_bytes: int = DEFAULT_BUCKET_BYTES
-) -> list[list[ManifestEntry]]:
-    """Split the entries into same-dtype buckets of at most `bucket_bytes`, never splitting
-    the parameters of one layer (a layer larger than the bound goes alone). vLLM processes a
-    fused layer once all its parts arrived and holds the earlier ones until then, so a bucket
-    whose buffer is reused for the next one must complete every layer it starts."""
-    runs: list[list[ManifestEntry]] = []
-    for entry in entries:
-        last = runs[-1][0] if runs else None
-        if last and last.dtype == entry.dtype and layer_of(last.name) == layer_of(entry.name):
-            runs[-1].append(entry)
-        else:
-            runs.append([entry])
-    buckets: list[list[ManifestEntry]] = []
-    current: dict[str, tuple[list[ManifestEntry], int]] = {}
-    for run in runs:
-        size = sum(e.nbytes for e in run)
-        bucket, used = current.get(run[0].dtype, ([], 0))
-        if bucket and used + size > bucket_bytes:
-            buckets.append(bucket)
-            bucket, used = [], 0
-        current[run[0].dtype] = (bucket + run, used + size)
-    buckets.extend(bucket for bucket, _ in current.values() if bucket)
-    return buckets
-
-
-class BucketLayout:
-    """How one bucket travels. Receivers lay it out as its tensors end to end (`offsets`).
-    Each sender sends, in this order: its rows of the small entries packed into one flat
-    tensor (if it has any), then its rows of each large entry (>= `direct_min_bytes`) as a
-    broadcast of their own, which lands straight at its place in the receivers' layout."""
-
-    def __init__(self, entries: list[ManifestEntry], senders: int, direct_min_bytes: int) -> None:
-        self.entries, self.senders = entries, senders
-        self.dtype = entries[0].torch_dtype
-        self.offsets, numel = [], 0
-        for e in entries:
-            self.offsets.append(numel)
-            numel += e.numel
-        self.numel = numel
-        self.direct = [e.nbytes >= direct_min_bytes for e in entries]
-
-    def rows_start(self, index: int, sender: int) -> int:
-        """Element offset, in the receivers' layout, of `sender`'s rows of entry `index`."""
-        entry = self.entries[index]
-        return self.offsets[index] + sum(entry.splits[:sender]) * entry.row_numel
-
-    def packed(self, sender: int) -> list[int]:
-        return [i for i, e in enumerate(self.entries) if not self.direct[i] and e.splits[sender]]
-
-    def directs(self, sender: int) -> list[int]:
-        return [i for i, e in enumerate(self.entries) if self.direct[i] and e.splits[sender]]
-
-    def packed_numel(self, sender: int) -> int:
-        return sum(
-            self.entries[i].splits[sender] * self.entries[i].row_numel for i in self.packed(sender)
-        )
-
-
-class Arena:
-    """A byte buffer reused bucket after bucket and carved into typed regions: memory that is
-    already mapped, instead of fresh allocations (page faults) for every bucket of every sync.
-    It grows to the largest bucket and never shrinks."""
-
-    ALIGN = 64
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
-        self.used = 0
-
-    def reset(self, nbytes: int) -> None:
-        """Start a new bucket needing up to `nbytes` (regions of the last one become invalid)."""
-        if nbytes > self.buffer.numel():
-            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free first
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self.used = 0
-
-    @classmethod
-    def span(cls, numels: list[int], dtype: torch.dtype) -> int:
-        return sum(-(-n * dtype.itemsize // cls.ALIGN) * cls.ALIGN for n in numels)
-
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
-        start, self.used = self.used, self.used + -(-nbytes // self.ALIGN) * self.ALIGN
-        return self.buffer[start : start + nbytes].view(dtype)
-
-
-def pipeline_arenas(device: torch.device | str) -> list[Arena]:
-    """One arena per bucket in flight. A side takes new ones after a called-off transfer: the
-    broadcasts it abandoned may still read or write the old ones."""
-    return [Arena(device) for _ in range(PIPELINE_DEPTH)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Process groups
-
-
-@dataclass
-class SyncGroup:
-    """A process group and the store it was formed through (which must outlive it)."""
-
-    group: dist.ProcessGroup
-    store: dist.Store
-
-    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> dist.Work:
-        # On the object: dist.broadcast(group=...) rejects a group it did not register.
-        return self.group.broadcast(tensor, root)
-
-
-def create_group(
-    store: dist.Store, prefix: str, rank: int, world_size: int, timeout_s: float
-) -> SyncGroup:
-    """A process group of `world_size` members meeting under `prefix` in `store`."""
-    prefixed = dist.PrefixStore(prefix, store)
-    timeout = timedelta(seconds=timeout_s)
-    if backend_for_device() == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    else:
-        group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return SyncGroup(group, store)
-
-
-def connect_store(host: str, port: int, *, host_it: bool, timeout_s: float) -> dist.Store:
-    """The sync store: policy rank 0 hosts it, every other member connects to it."""
-    return dist.TCPStore(
-        host,
-        port,
-        is_master=host_it,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
-
-
-def sender_name(sender: int) -> str:
-    return f"policy sender {sender}"
-
-
-def receiver_name(replica: str, tp_rank: int) -> str:
-    return f"rollout replica {replica} tp rank {tp_rank}"
-
-
-def member_names(plan: SyncPlan, senders: int) -> list[str]:
-    names = [sender_name(s) for s in range(senders)]
-    for receiver in plan.receivers:
-        names += [receiver_name(receiver.replica, t) for t in range(receiver.ranks)]
-    return names
-
-
-def check_in(
-    store: dist.Store,
-    plan: SyncPlan,
-    senders: int,
-    me: str,
-    version: int,
-    called_off: Callable[[], bool] | None = None,
-) -> None:
-    """Announce `me` for this sync and wait for every other member, naming those missing.
-
-    A member that died never arrives: the controller then calls the sync off, which a
-    sender learns from `called_off` (it polls the control plane) and tells the others through
-    the store; every member then raises SyncCancelled instead of waiting out the timeout."""
-    prefix = _sync_prefix(plan, version)
-    store.set(prefix + me, "1")
-    names = member_names(plan, senders)
-    keys, cancelled = [prefix + n for n in names], prefix + CANCELLED
-    deadline = time.monotonic() + plan.timeout_s
-    pause, next_look = 0.001, time.monotonic() + CALLED_OFF_POLL_S
-    # Polled with `check`: the store's own `wait` with a short timeout logs a warning per slice.
-    while not store.check(keys):
-        time.sleep(pause)
-        pause = min(2 * pause, 0.05)
-        if time.monotonic() >= next_look:
-            next_look = time.monotonic() + CALLED_OFF_POLL_S
-            if called_off is not None and called_off():
-                store.set(cancelled, "1")
-            if store.check([cancelled]):
-                raise SyncCancelled(
-                    f"weight sync v{version} ({plan.group}) was called off by the controller: "
-                    "a member left the run"
-                )
-        missing = (
-            [n for n in names if not store.check([prefix + n])]
-            if time.monotonic() >= deadline
-            else []
-        )
-        if missing:
-            raise SyncStalled(
-                f"weight sync v{version} ({plan.group}): {', '.join(missing)} did not arrive "
-                f"within {plan.timeout_s:.0f}s (rollout.weight_sync_timeout); {me} gave up"
-            )
-
-
-def _sync_prefix(plan: SyncPlan, version: int) -> str:
-    return f"{plan.group}/v{version}/"
-
-
-def call_off(store: dist.Store, plan: SyncPlan, version: int) -> None:
-    """Tell every member of the sync, through the store, that it was called off: members in the
-    check-in or in the transfer raise SyncCancelled at their next look."""
-    store.set(_sync_prefix(plan, version) + CANCELLED, "1")
-
-
-def is_called_off(store: dist.Store, plan: SyncPlan, version: int) -> bool:
-    return store.check([_sync_prefix(plan, version) + CANCELLED])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,15 +302,13 @@ def receive_and_load(
 ) -> None:
     """Receive a sync and `load` it bucket by bucket. If loading fails, the rest is still
     received (so the senders and other receivers are not left blocked), then the error raised."""
-    error: Exception | None = None
-    for weights in receiver.receive(plan, version, replica, tp_rank):
-        if error is None:
-            try:
-                load(weights)
-            except Exception as exc:  # re-raised below, once the broadcast is drained
-                error = exc
-    if error is not None:
-        raise error
+    buckets = receiver.receive(plan, version, replica, tp_rank)
+    try:
+        for weights in buckets:
+            load(weights)
+    finally:
+        for _ in buckets:  # drain what is left: a no-op once the transfer ended or failed
+            pass
 
 
 class WeightReceiver:

@@ -1,6 +1,7 @@
 """The run configuration: what a run is asked to do, from TOML to a validated `GantryConfig`.
 
-- `schema`      one pydantic model per section (cosmos-rl's names), every field documented
+- `schema`      the whole config (`GantryConfig`) and its small sections ([logging], [custom]...)
+- `training`    [train] and its sub-sections; `replicas` [policy] and [rollout]; `fields` shared types
 - `cluster`     Gantry's own sections for the machines: `[redis]`, `[fault_tolerance]`, `[slurm]`
 - `cosmos_keys` cosmos-rl keys accepted without effect (performance hints), with one warning
 - `loader`      the TOML loader, dotted overrides, error messages, the resolved-config files

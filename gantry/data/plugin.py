@@ -52,12 +52,7 @@ class DatasetScript:
         return self._call("get_val_dataset", self.get_val_dataset, custom)
 
     def _call(self, name: str, fn: Callable, custom: dict) -> Sequence[Any]:
-        try:
-            samples = fn(custom)
-        except Exception as exc:  # the user's code: report where it failed, then stop
-            raise DatasetScriptError(
-                f"{self.path}: {name} raised {type(exc).__name__}: {exc}\n" + _user_traceback(exc)
-            ) from exc
+        samples = call_user_code(f"{self.path}: {name}", fn, custom)
         try:
             size = len(samples)
         except TypeError as exc:
@@ -75,14 +70,15 @@ class DatasetScript:
         total = 0.0
         for fn in self.reward_fns:
             name = getattr(fn, "__name__", repr(fn))
-            try:
-                value = fn(completion, sample)
-            except Exception as exc:  # the user's code: name the function and the sample
-                raise DatasetScriptError(
-                    f"{self.path}: reward function {name} raised {type(exc).__name__}: {exc}\n"
+            value = call_user_code(
+                f"{self.path}: reward function {name}",
+                fn,
+                completion,
+                sample,
+                detail=lambda: (
                     f"  on sample {index}: {_short(sample)}\n  completion: {completion!r:.200}\n"
-                    + _user_traceback(exc)
-                ) from exc
+                ),
+            )
             if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
                 raise DatasetScriptError(
                     f"{self.path}: reward function {name} returned {value!r} on sample {index}; "
@@ -90,6 +86,22 @@ class DatasetScript:
                 )
             total += float(value)
         return total
+
+
+def call_user_code(
+    what: str, fn: Callable[..., Any], *args: Any, detail: Callable[[], str] | None = None
+) -> Any:
+    """`fn(*args)`, where `fn` is the script's code (`what` names it, with the script's path).
+    Whatever it raises becomes a DatasetScriptError that says what failed, `detail()` (the
+    sample, for a reward) and the script's own traceback frames."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # the user's code may raise anything: report where, then stop
+        raise DatasetScriptError(
+            f"{what} raised {type(exc).__name__}: {exc}\n"
+            + (detail() if detail is not None else "")
+            + _user_traceback(exc)
+        ) from exc
 
 
 def load_dataset_script(path: str | Path, *, need_rewards: bool = True) -> DatasetScript:
@@ -100,13 +112,7 @@ def load_dataset_script(path: str | Path, *, need_rewards: bool = True) -> Datas
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[_MODULE_NAME] = module  # dataclasses and pickling look the module up here
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code: report it with the script's path
-        raise DatasetScriptError(
-            f"{path}: importing the dataset script raised {type(exc).__name__}: {exc}\n"
-            + _user_traceback(exc)
-        ) from exc
+    call_user_code(f"{path}: importing the dataset script", spec.loader.exec_module, module)
     get_dataset = getattr(module, "get_dataset", None)
     if not callable(get_dataset):
         raise DatasetScriptError(

@@ -103,9 +103,19 @@ def render_sbatch(
     if problems := allocation_problems(config):
         raise ValueError("\n".join(problems))
     root = Path(root).resolve() if root is not None else repo_root()
-    slurm = config.slurm
     logs = log_directory(config, root)
     run_dir = _in_root(config.train.output_dir, root) / "slurm-<job id>"
+    # The user's command line, quoted once: it reaches each node's bash as "$@".
+    user_args = ["--config", str(Path(config_path).resolve())] if config_path else []
+    user_args += [str(Path(dataset_script).resolve()), *overrides]
+    head = _sbatch_directives(config.slurm, logs)
+    body = _job_preamble(config.slurm, root, logs, run_dir)
+    srun = _srun_command(config.slurm, root, logs, user_args)
+    return "#!/bin/bash\n" + "\n".join(head) + "\n" + body + " \\\n  ".join(srun) + "\n"
+
+
+def _sbatch_directives(slurm, logs: Path) -> list[str]:
+    """The #SBATCH lines: the allocation, the job's log files, then the user's own lines."""
     head = [
         _directive("--job-name", slurm.job_name),
         _directive("--nodes", slurm.nodes),
@@ -119,16 +129,16 @@ def render_sbatch(
         head.append(_directive("--partition", slurm.partition))
     if slurm.account:
         head.append(_directive("--account", slurm.account))
-    head += [
+    return head + [
         _directive("--time", slurm.time),
         _directive("--output", logs / "%x-%j.out"),
         _directive("--error", logs / "%x-%j.err"),
         *(f"#SBATCH {arg}" for arg in slurm.sbatch_args),
     ]
 
-    # The user's command line, quoted once: it reaches each node's bash as "$@".
-    user_args = ["--config", str(Path(config_path).resolve())] if config_path else []
-    user_args += [str(Path(dataset_script).resolve()), *overrides]
+
+def _srun_command(slurm, root: Path, logs: Path, user_args: list[str]) -> list[str]:
+    """The srun step's words (joined with line continuations): one launch.sh task per node."""
     node_args = (
         f'--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
         f'--controller "$HEAD:{slurm.controller_port}" --run-id "$GANTRY_RUN_ID"'
@@ -151,13 +161,16 @@ def render_sbatch(
         srun.append(f"--gpus-per-node={slurm.gpus_per_node}")
     if slurm.cpus_per_task:  # srun does not inherit the job's --cpus-per-task on every version
         srun.append(f"--cpus-per-task={slurm.cpus_per_task}")
-    srun += [
+    return srun + [
         *map(shlex.quote, slurm.srun_args),
         "bash -c " + shlex.quote("\n" + "\n".join(task) + "\n") + " gantry-node",
         " ".join(map(shlex.quote, user_args)),
     ]
 
-    body = f"""
+
+def _job_preamble(slurm, root: Path, logs: Path, run_dir: Path) -> str:
+    """The script between the #SBATCH lines and srun: where logs go, the run's secret, the head."""
+    return f"""
 # Rendered by ./slurm.sh (gantry/launch/slurm.py). Submit with: sbatch <this file>
 # One srun task per node runs the setup lines, then launch.sh with the node's rank and the
 # command line given to slurm.sh (the arguments after gantry-node). Node rank 0, the first
@@ -183,7 +196,6 @@ export HEAD
 echo "gantry: job $SLURM_JOB_ID on $SLURM_NNODES node(s), controller $HEAD:{slurm.controller_port}"
 
 """
-    return "#!/bin/bash\n" + "\n".join(head) + "\n" + body + " \\\n  ".join(srun) + "\n"
 
 
 # ------------------------------------------------------------------------------------- the CLI

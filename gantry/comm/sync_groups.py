@@ -1,0 +1,148 @@
+"""The process groups of weight sync and their rendezvous: the store policy rank 0 hosts at the
+address in the `SyncPlan`, one group per sender formed through it (gloo on CPU, NCCL on GPU), the
+check-in every member makes before each sync (so a sync that stalls names the ranks that did not
+arrive), and calling a sync off through the store when a member died.
+
+The transfer over these groups is in `gantry.comm.weights`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from gantry.comm.protocol import SyncPlan
+from gantry.comm.torch_compat import nccl_options
+
+CALLED_OFF_POLL_S = 0.5  # how often a waiting member looks for a called-off sync
+CANCELLED = "called-off"
+
+
+class SyncCancelled(RuntimeError):
+    """The controller called the sync off (a member died). Called off in the check-in,
+    nothing was sent; during the transfer, a receiver may hold part of the new weights, and
+    the controller's next sync (without the dead member) sends them all again."""
+
+
+class SyncStalled(RuntimeError):
+    """Members of a weight sync did not arrive in time."""
+
+
+def backend_for_device() -> str:
+    # "cpu:gloo,cuda:nccl" fails on the CPU wheel, so choose by what the machine has.
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass
+class SyncGroup:
+    """A process group and the store it was formed through (which must outlive it)."""
+
+    group: dist.ProcessGroup
+    store: dist.Store
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> dist.Work:
+        # On the object: dist.broadcast(group=...) rejects a group it did not register.
+        return self.group.broadcast(tensor, root)
+
+
+def create_group(
+    store: dist.Store, prefix: str, rank: int, world_size: int, timeout_s: float
+) -> SyncGroup:
+    """A process group of `world_size` members meeting under `prefix` in `store`."""
+    prefixed = dist.PrefixStore(prefix, store)
+    timeout = timedelta(seconds=timeout_s)
+    if backend_for_device() == "nccl":
+        options = nccl_options(timeout)  # a private field of torch's: see gantry.comm.torch_compat
+        group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+    else:
+        group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    return SyncGroup(group, store)
+
+
+def connect_store(host: str, port: int, *, host_it: bool, timeout_s: float) -> dist.Store:
+    """The sync store: policy rank 0 hosts it, every other member connects to it."""
+    return dist.TCPStore(
+        host,
+        port,
+        is_master=host_it,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def sender_name(sender: int) -> str:
+    return f"policy sender {sender}"
+
+
+def receiver_name(replica: str, tp_rank: int) -> str:
+    return f"rollout replica {replica} tp rank {tp_rank}"
+
+
+def member_names(plan: SyncPlan, senders: int) -> list[str]:
+    names = [sender_name(s) for s in range(senders)]
+    for receiver in plan.receivers:
+        names += [receiver_name(receiver.replica, t) for t in range(receiver.ranks)]
+    return names
+
+
+def check_in(
+    store: dist.Store,
+    plan: SyncPlan,
+    senders: int,
+    me: str,
+    version: int,
+    called_off: Callable[[], bool] | None = None,
+) -> None:
+    """Announce `me` for this sync and wait for every other member, naming those missing.
+
+    A member that died never arrives: the controller then calls the sync off, which a
+    sender learns from `called_off` (it polls the control plane) and tells the others through
+    the store; every member then raises SyncCancelled instead of waiting out the timeout."""
+    prefix = _sync_prefix(plan, version)
+    store.set(prefix + me, "1")
+    names = member_names(plan, senders)
+    keys, cancelled = [prefix + n for n in names], prefix + CANCELLED
+    deadline = time.monotonic() + plan.timeout_s
+    pause, next_look = 0.001, time.monotonic() + CALLED_OFF_POLL_S
+    # Polled with `check`: the store's own `wait` with a short timeout logs a warning per slice.
+    while not store.check(keys):
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+        if time.monotonic() >= next_look:
+            next_look = time.monotonic() + CALLED_OFF_POLL_S
+            if called_off is not None and called_off():
+                store.set(cancelled, "1")
+            if store.check([cancelled]):
+                raise SyncCancelled(
+                    f"weight sync v{version} ({plan.group}) was called off by the controller: "
+                    "a member left the run"
+                )
+        missing = (
+            [n for n in names if not store.check([prefix + n])]
+            if time.monotonic() >= deadline
+            else []
+        )
+        if missing:
+            raise SyncStalled(
+                f"weight sync v{version} ({plan.group}): {', '.join(missing)} did not arrive "
+                f"within {plan.timeout_s:.0f}s (rollout.weight_sync_timeout); {me} gave up"
+            )
+
+
+def _sync_prefix(plan: SyncPlan, version: int) -> str:
+    return f"{plan.group}/v{version}/"
+
+
+def call_off(store: dist.Store, plan: SyncPlan, version: int) -> None:
+    """Tell every member of the sync, through the store, that it was called off: members in the
+    check-in or in the transfer raise SyncCancelled at their next look."""
+    store.set(_sync_prefix(plan, version) + CANCELLED, "1")
+
+
+def is_called_off(store: dist.Store, plan: SyncPlan, version: int) -> bool:
+    return store.check([_sync_prefix(plan, version) + CANCELLED])
