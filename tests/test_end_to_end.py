@@ -36,6 +36,7 @@ def check_export(path: str) -> None:
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pipeline_with_transformers_engine(tmp_path):
     """The whole process topology, quickly: controller, two policy replicas (two torchrun
@@ -68,6 +69,7 @@ def test_quickstart_with_vllm_reward_rises(tmp_path):
     check_export(outcome["final_export"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
     """Two rollout replicas share the prompts; a third started by hand mid-run gets the

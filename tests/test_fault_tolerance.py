@@ -75,6 +75,7 @@ def metrics_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_rollout_replica_is_replaced_and_every_prompt_is_trained_once(tmp_path):
     steps = 40
@@ -111,6 +112,7 @@ def test_a_killed_rollout_replica_is_replaced_and_every_prompt_is_trained_once(t
     assert gone["replica"] == "1" and "SIGKILL" in gone["left"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_policy_resumes_from_the_last_checkpoint(tmp_path):
     steps = 10
@@ -160,6 +162,7 @@ def controller_pid(launcher: subprocess.Popen, not_pid: int = 0, timeout: float 
     raise AssertionError("the launcher has no controller process")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_controller_restarts_alone_and_no_step_or_prompt_is_lost(tmp_path):
     steps = 12
@@ -193,6 +196,7 @@ SFT = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sft_controller_killed_twice_gives_the_losses_of_an_unbroken_run(tmp_path):
     """The restarted controllers send the same batches in the same order: every step's loss

@@ -100,6 +100,7 @@ def test_dry_run_shows_the_policy_layout_and_takes_overrides_after_flags(tmp_pat
     assert "policy steps: 2" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_resume_and_bad_layout_exit_2(tmp_path, dataset):
     result = launch(dataset, f"train.output_dir={tmp_path}", f"train.resume={tmp_path / 'none'}")
     assert result.returncode == 2 and "no complete checkpoint in" in result.stderr

@@ -1,6 +1,7 @@
 """The launcher's supervision of child processes: failures are named, the others stopped."""
 
 import os
+import signal
 import time
 
 import pytest
@@ -45,9 +46,14 @@ def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path, monkeypatch):
     supervisor = ProcessGroupSupervisor(tmp_path / "logs")
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(60)"
     child = supervisor.start("stubborn", ["-c", code])
-    time.sleep(1.0)
+    # SIGTERM only meets the handler once the child said so (its first line).
+    deadline = time.monotonic() + 30
+    while "x\n" not in child.tail:
+        assert time.monotonic() < deadline, "the child never printed its first line"
+        time.sleep(0.01)
     supervisor.stop_all()
     assert child.process.poll() is not None
+    assert child.process.returncode == -signal.SIGKILL  # SIGTERM was ignored
     with pytest.raises(ProcessLookupError):
         os.kill(child.process.pid, 0)
 

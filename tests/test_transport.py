@@ -52,6 +52,29 @@ def pending(plane: ControlPlane, stream: str, group: str) -> int:
     return plane.redis.xpending(stream, group)["pending"]
 
 
+def wait_for(condition, what: str, timeout_s: float = 10.0) -> float:
+    """Poll `condition()` until it is true; the seconds it took. Fails after `timeout_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what}: not after {timeout_s} s"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def all_idle(plane: ControlPlane, stream: str, group: str, min_idle_ms: int) -> bool:
+    """True when every entry pending in `group` was delivered at least `min_idle_ms` ago."""
+    entries = plane.redis.xpending_range(stream, group, "-", "+", 100)
+    return all(e["time_since_delivered"] >= min_idle_ms for e in entries)
+
+
+def reader_blocked(plane: ControlPlane) -> bool:
+    """True when some client of the server is blocked in XREADGROUP."""
+    return any(
+        c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+        for c in plane.redis.client_list()
+    )
+
+
 def test_dispatch_and_collect_each_prompt_once(redis_url):
     plane = ControlPlane(redis_url)
     plane.ensure_group(KEYS.prompts("0"), "rollout")
@@ -92,7 +115,7 @@ def test_prompt_of_a_consumer_killed_mid_prompt_is_redelivered_once(redis_url):
     assert len(held) == 3
     assert pending(plane, KEYS.prompts("0"), "rollout") == 3
     # A live consumer takes over what the dead one held, then the rest of the stream.
-    time.sleep(0.05)
+    wait_for(lambda: all_idle(plane, KEYS.prompts("0"), "rollout", 10), "entries idle 10 ms")
     claimed = plane.claim_stale(KEYS.prompts("0"), "rollout", "survivor", min_idle_ms=10, count=10)
     assert sorted(d.message.prompt_id for d in claimed) == sorted(held)
     serve(plane, claimed, "survivor")
@@ -128,10 +151,11 @@ def test_commands_are_read_in_order_once(redis_url):
 
 def test_heartbeat_expires(redis_url):
     plane = ControlPlane(redis_url)
+    started = time.monotonic()
     plane.beat(KEYS.heartbeat("policy", "0"), ttl_s=0.2)
     assert plane.alive(KEYS.heartbeat("policy", "0"))
-    time.sleep(0.3)
-    assert not plane.alive(KEYS.heartbeat("policy", "0"))
+    wait_for(lambda: not plane.alive(KEYS.heartbeat("policy", "0")), "heartbeat expiry")
+    assert time.monotonic() - started >= 0.19  # not before its TTL (Redis's ms clock)
 
 
 def test_a_blocked_reader_wakes_to_the_whole_burst(redis_url):
@@ -147,7 +171,7 @@ def test_a_blocked_reader_wakes_to_the_whole_burst(redis_url):
         )
     )
     reader.start()
-    time.sleep(0.3)  # the reader is blocked in XREADGROUP
+    wait_for(lambda: reader_blocked(plane), "the reader blocked in XREADGROUP")
     plane.send_many(stream, tasks(32))
     reader.join()
     assert len(got) == 32
