@@ -62,6 +62,7 @@ def final_weights(run_dir: Path) -> dict:
     return tensors
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.redis
 @pytest.mark.timeout(900)

@@ -37,6 +37,7 @@ def assert_same(a, b) -> None:
         assert (x.tokens, x.assistant_tokens) == (y.tokens, y.assistant_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_workers_give_the_inline_micro_batches_for_text(tiny_llm):
     samples = [chat(f"what is {i} + {i}?", f"{2 * i}" + " and more" * (i % 4)) for i in range(12)]
@@ -64,6 +65,7 @@ def test_workers_give_the_inline_micro_batches_for_text(tiny_llm):
         steps.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_workers_give_the_inline_micro_batches_for_images(tiny_vlm, tmp_path):
     Image.new("RGB", (84, 56), (220, 20, 20)).save(tmp_path / "red.png")
