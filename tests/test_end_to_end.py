@@ -69,6 +69,16 @@ def test_quickstart_with_vllm_reward_rises(tmp_path):
     check_export(outcome["final_export"])
 
 
+# A rollout replica started by hand: `python -m rollout --run-dir RUN --replica 2`, with its
+# imports done before it is told the run directory.
+JOINER = """
+import sys, runpy
+import rollout.worker  # torch, transformers, the engines
+sys.argv = ["rollout", "--run-dir", sys.stdin.readline().strip(), "--replica", "2"]
+runpy.run_module("rollout", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
@@ -79,26 +89,30 @@ def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
         "rollout.backend=transformers", "rollout.parallelism.n_init_replicas=2",
         "train.train_batch_per_replica=64", "rollout.batch_size=2", "train.max_num_steps=24",
     ]  # fmt: skip
+    # The joiner imports torch, transformers and the rollout worker before the run starts (that
+    # takes longer than the whole 24-step run), then waits for the run directory on its stdin:
+    # it joins a second or two after the first weight sync, however fast the run is.
+    joiner = subprocess.Popen(
+        [sys.executable, "-c", JOINER], cwd=ROOT, stdin=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     launcher = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    joiner = None
     try:
-        lines = []
+        lines, joined = [], False
         for line in launcher.stdout:
             lines.append(line)
-            if joiner is None and "step 5/24" in line:
+            if not joined and "sent weights v1 " in line:  # the run is past version 0
                 run_dir = next(
                     ln.split(": ", 1)[1].strip() for ln in lines if ln.startswith("run directory")
                 )
-                joiner = subprocess.Popen(
-                    [sys.executable, "-m", "rollout", "--run-dir", run_dir, "--replica", "2"],
-                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+                joiner.stdin.write(run_dir + "\n")
+                joiner.stdin.close()
+                joined = True
         assert launcher.wait(timeout=60) == 0, "".join(lines[-80:])
-        assert joiner is not None and joiner.wait(timeout=60) == 0
+        assert joined and joiner.wait(timeout=60) == 0
     finally:
         for process in (launcher, joiner):
-            if process is not None:
-                process.kill()
+            process.kill()
     outcome = json.loads((Path(run_dir) / "result.json").read_text())
     replicas = outcome["rollout_replicas"]
     assert sorted(replicas) == ["0", "1", "2"]
