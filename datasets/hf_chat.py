@@ -23,11 +23,14 @@ Config:
     path = "/data/my_chat"            # relative to the current directory
     subset = ""                       # a sub-directory (or config name) of path
     split = "train"
-    messages_column = "messages"
+    messages_column = "messages"      # a list of messages, or their JSON text (the
+                                      # Cosmos-Reason1 HF recipe: "conversations")
     images_column = ""                # default: "images", else "image", when the column exists
     videos_column = ""                # default: "videos", else "video", when the column exists
     media_root = ""                   # relative media paths resolve here (default: path
                                       # itself if a directory, else the file's directory)
+                                      # (media_path, the recipes' name, is the same key)
+    # system_prompt = "You are ..."   # a system message first in every conversation
     on_bad_entry = "fail"             # or "skip": drop bad rows, warn, summarise
     # max_samples = 1000              # stop after this many good samples
     # val_split = "validation"        # the split [validation] uses
@@ -41,6 +44,7 @@ Run it with
     ./launch.sh --config sft.toml datasets/hf_chat.py
 """
 
+import json
 from pathlib import Path
 
 import datasets
@@ -57,7 +61,9 @@ from gantry.data.chat import (
     chat_messages,
     load_settings,
     make_sample,
+    malformed,
     media_paths,
+    with_system_prompt,
 )
 
 _BUILDERS = {
@@ -70,6 +76,8 @@ _BUILDERS = {
 
 
 class HfChatSettings(DatasetSettings):
+    ALIASES = {"media_path": "media_root"}  # the Cosmos-Reason1 recipes' name
+
     path: str = Field(
         description="a local dataset: a save_to_disk directory, or JSON/parquet file(s), e.g. "
         'path = "/data/my_chat"'
@@ -116,12 +124,13 @@ def load_chat(settings: HfChatSettings, vision: VisionSettings, *, val: bool) ->
         root = location if location.is_dir() else location.parent
 
     def build(row, row_id):
-        messages = chat_messages(row[messages_column])
+        messages = chat_messages(_decoded(row[messages_column], messages_column))
         media = {
             "image": media_paths(row.get(images), images or "images"),
             "video": media_paths(row.get(videos), videos or "videos"),
         }
         messages = build_messages(messages, media, root, vision)
+        messages = with_system_prompt(messages, settings.system_prompt)
         return make_sample(row_id, messages, {k: v for k, v in row.items() if k not in own})
 
     return build_samples(
@@ -131,6 +140,16 @@ def load_chat(settings: HfChatSettings, vision: VisionSettings, *, val: bool) ->
         on_bad_entry=settings.on_bad_entry,
         max_samples=settings.val_max_samples if val else settings.max_samples,
     )
+
+
+def _decoded(value, column: str):
+    """A messages cell: the list itself, or the list its JSON text holds."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise malformed(f"column {column!r} holds text that is not JSON messages ({exc})") from None
 
 
 def open_split(settings, location: Path, key: str, split_key: str) -> datasets.Dataset:

@@ -13,7 +13,9 @@ Config:
     [custom.dataset]
     annotation_path = "data/train.json"   # relative to the current directory
     media_root = "data/images"            # relative media paths resolve here (default: the
-                                          # annotation file's directory)
+                                          # annotation file's directory); media_path, the
+                                          # Cosmos-Reason1 recipes' name, is the same key
+    # system_prompt = "You are ..."       # a system message first in every conversation
     on_bad_entry = "fail"                 # or "skip": drop bad entries, warn, summarise
     # max_samples = 1000                  # stop after this many good samples
     # val_annotation_path = "data/val.json"   # what [validation] uses
@@ -21,8 +23,8 @@ Config:
     # val_max_samples = 200
 
     [custom.vision]                        # optional limits copied onto every media part
-    max_pixels = 1003520
-    fps = 2.0
+    max_pixels = 1003520                   # also: min_pixels, resized_height + resized_width,
+    fps = 2.0                              # min_frames, max_frames
 
 Run it with
     ./launch.sh --config sft.toml datasets/llava_json.py
@@ -46,12 +48,15 @@ from gantry.data.chat import (
     malformed,
     media_paths,
     read_json_entries,
+    with_system_prompt,
 )
 
 _OWN_FIELDS = ("id", "image", "video", "conversations")
 
 
 class LlavaSettings(DatasetSettings):
+    ALIASES = {"media_path": "media_root"}  # the Cosmos-Reason1 LLaVA and warehouse recipes
+
     annotation_path: str = Field(
         description='the LLaVA JSON list (or JSONL) file, e.g. annotation_path = "train.json"'
     )
@@ -92,13 +97,15 @@ def load_llava(settings: LlavaSettings, vision: VisionSettings, *, val: bool) ->
     return build_samples(
         entries,
         path,
-        lambda entry, entry_id: llava_sample(entry, entry_id, root, vision),
+        lambda entry, entry_id: llava_sample(entry, entry_id, root, vision, settings.system_prompt),
         on_bad_entry=settings.on_bad_entry,
         max_samples=settings.val_max_samples if val else settings.max_samples,
     )
 
 
-def llava_sample(entry, entry_id: str, media_root: Path, vision: VisionSettings) -> dict:
+def llava_sample(
+    entry, entry_id: str, media_root: Path, vision: VisionSettings, system_prompt: str = ""
+) -> dict:
     if not isinstance(entry, dict):
         raise malformed(f"the entry is a {type(entry).__name__}, expected an object")
     if "conversations" not in entry:
@@ -106,7 +113,9 @@ def llava_sample(entry, entry_id: str, media_root: Path, vision: VisionSettings)
     messages = chat_messages(entry["conversations"])
     media = {"image": media_paths(entry.get("image"), "image")}
     media["video"] = media_paths(entry.get("video"), "video")
-    messages = build_messages(messages, media, media_root, vision)
+    messages = with_system_prompt(
+        build_messages(messages, media, media_root, vision), system_prompt
+    )
     extras = {key: value for key, value in entry.items() if key not in _OWN_FIELDS}
     return make_sample(entry_id, messages, extras)
 

@@ -7,7 +7,7 @@ meta.json is a JSON list (or JSONL) of entries like
 and text/clip-7.json holds the conversation:
     [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
      {"role": "assistant", "content": "A ball rolls."}]
-Paths are relative to meta.json's directory. Media parts without a path ({"type": "image"}) and
+Paths are relative to meta.json's directory (media paths: to media_root when set). Media parts without a path ({"type": "image"}) and
 `<image>` / `<video>` placeholders in text take the entry's media in order (images and videos
 are told apart by suffix: .mp4, .mov, ... are videos); a part may also name its own file
 ({"type": "image", "image": "images/x.jpg"}). When the conversation has no placeholder, the
@@ -16,7 +16,11 @@ A sample's "answer" is its last assistant turn.
 
 Config:
     [custom.dataset]
-    meta_path = "data/meta.json"         # relative to the current directory
+    meta_path = "data/meta.json"         # relative to the current directory (annotation_path,
+                                         # the Cosmos-Reason1 recipes' name, is the same key)
+    # media_root = "data/media"          # relative media paths resolve here (default: meta.json's
+                                         # directory; media_path is the same key)
+    # system_prompt = "You are ..."      # a system message first in every conversation
     on_bad_entry = "fail"                # or "skip": drop bad entries, warn, summarise
     # max_samples = 1000                 # stop after this many good samples
     # val_meta_path = "data/val_meta.json"   # what [validation] uses
@@ -52,14 +56,24 @@ from gantry.data.chat import (
     media_paths,
     read_json_entries,
     split_media,
+    with_system_prompt,
 )
 
 _OWN_FIELDS = ("id", "media", "conversations")
 
 
 class MetaSettings(DatasetSettings):
+    ALIASES = {  # the Cosmos-Reason1 recipes' names
+        "annotation_path": "meta_path",
+        "val_annotation_path": "val_meta_path",
+        "media_path": "media_root",
+    }
+
     meta_path: str = Field(
         description='the meta JSON list of entries, e.g. meta_path = "data/meta.json"'
+    )
+    media_root: str = Field(
+        "", description="directory of relative media paths (default: the meta file's directory)"
     )
     val_meta_path: str = Field("", description="the validation meta file (needed by validation)")
 
@@ -88,13 +102,17 @@ def load_meta(settings: MetaSettings, vision: VisionSettings, *, val: bool) -> l
     return build_samples(
         entries,
         path,
-        lambda entry, entry_id: meta_sample(entry, entry_id, path.parent, vision),
+        lambda entry, entry_id: meta_sample(entry, entry_id, path.parent, vision, settings),
         on_bad_entry=settings.on_bad_entry,
         max_samples=settings.val_max_samples if val else settings.max_samples,
     )
 
 
-def meta_sample(entry, entry_id: str, root: Path, vision: VisionSettings) -> dict:
+def meta_sample(
+    entry, entry_id: str, root: Path, vision: VisionSettings, settings: MetaSettings | None = None
+) -> dict:
+    """The sample of one entry; conversation files resolve against `root` (meta.json's
+    directory), media against settings.media_root when set, else `root` too."""
     if not isinstance(entry, dict):
         raise malformed(f"the entry is a {type(entry).__name__}, expected an object")
     conversation = entry.get("conversations")
@@ -104,7 +122,9 @@ def meta_sample(entry, entry_id: str, root: Path, vision: VisionSettings) -> dic
         raise malformed(f"'conversations' must name a conversation file, got {conversation!r:.80}")
     messages = chat_messages(conversation)
     media = split_media(media_paths(entry.get("media"), "media"))
-    messages = build_messages(messages, media, root, vision)
+    media_root = absolute(settings.media_root) if settings and settings.media_root else root
+    messages = build_messages(messages, media, media_root, vision)
+    messages = with_system_prompt(messages, settings.system_prompt if settings else "")
     extras = {key: value for key, value in entry.items() if key not in _OWN_FIELDS}
     return make_sample(entry_id, messages, extras)
 

@@ -7,7 +7,11 @@ chat template nor the image processor (bench/sft_throughput.py measured them at 
 step and ~20% of a VLM step). The processes are spawned, not forked: the training process holds
 gloo / NCCL and tokenizer threads that a fork would copy mid-flight. They receive the samples
 once, pickled; with 0 workers, or for a step nobody encoded ahead, the rank encodes inline,
-with the same code, so both paths give the same micro-batches.
+with the same code, so both paths give the same micro-batches. Samples may be instances of the
+dataset script's own classes (a torch Dataset returned by get_dataset): the script was imported
+by path under a name no spawned process can import (`gantry_dataset_script`), so the workers
+are told where such modules' files are and import them under the same name when unpickling
+asks for them (`_ByPathFinder`).
 
     steps = StepEncoder(EncoderSpec(...), samples, workers=1)
     micro, truncated = steps.take(share)      # encoded ahead if `prepare(share)` was called
@@ -16,14 +20,18 @@ with the same code, so both paths give the same micro-batches.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import multiprocessing
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -75,11 +83,52 @@ _IN_WORKER: ShareEncoder | None = None
 PARENT_POLL_S = 1.0
 
 
-def _start_worker(spec: EncoderSpec, samples: bytes, parent: int) -> None:
+def _start_worker(
+    spec: EncoderSpec, samples: bytes, parent: int, by_path: dict[str, str] | None = None
+) -> None:
     global _IN_WORKER
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)  # the training process owns the compute threads
+    if by_path:
+        sys.meta_path.append(_ByPathFinder(by_path))  # last: what imports by name still wins
     _IN_WORKER = ShareEncoder(spec, pickle.loads(samples))
+
+
+class _ByPathFinder(importlib.abc.MetaPathFinder):
+    """Imports the parent's by-path modules (name -> file) under their name, on demand."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+
+    def find_spec(self, name, path=None, target=None):
+        file = self.files.get(name)
+        if file is None or path is not None:
+            return None
+        package = Path(file).name == "__init__.py"
+        where = [str(Path(file).parent)] if package else None
+        return importlib.util.spec_from_file_location(name, file, submodule_search_locations=where)
+
+
+def by_path_modules() -> dict[str, str]:
+    """This process's top-level modules that a spawned process cannot import by name (name ->
+    file): those imported from a file whose name is not theirs (a dataset script) or from a
+    directory not on sys.path."""
+    roots = {os.path.abspath(entry or os.curdir) for entry in sys.path}
+    found = {}
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if "." in name or name.startswith("__") or not origin or not origin.endswith(".py"):
+            continue
+        file = Path(origin)
+        home, stem = (
+            (file.parent.parent, file.parent.name)
+            if file.stem == "__init__"
+            else (file.parent, file.stem)
+        )
+        if stem != name or os.path.abspath(home) not in roots:
+            found[name] = str(file)
+    return found
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -130,7 +179,7 @@ class StepEncoder:
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(spec, _pickled(samples), os.getpid()),
+                initargs=(spec, _pickled(samples), os.getpid(), by_path_modules()),
             )
             self.pool.submit(int)  # start the processes now, while the model loads
 

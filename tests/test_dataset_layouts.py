@@ -1,5 +1,6 @@
 """datasets/llava_json.py, meta_json.py and hf_chat.py on small fixtures, loaded by path as Gantry
-loads them: exact samples, bad entries ("fail" and "skip"), config errors, the shared reward."""
+loads them: exact samples, bad entries ("fail" and "skip"), config errors, the shared reward, and
+the Cosmos-Reason1 recipes' [custom.dataset] / [custom.vision] keys."""
 
 import json
 import logging
@@ -195,12 +196,66 @@ def test_llava_skip_keeps_good_entries_and_summarises(llava_dir, caplog):
          "custom.vision: min_pixels is above max_pixels"),
         ({"dataset": {"annotation_path": "nowhere.json"}},
          "custom.dataset.annotation_path: {cwd}/nowhere.json does not exist"),
+        ({"dataset": {"annotation_path": "t.json", "media_path": "a", "media_root": "b"}},
+         "custom.dataset: media_path = 'a' and media_root = 'b' are two spellings of one setting"),
+        ({"dataset": {"annotation_path": "t.json"}, "vision": {"nframes": 8}},
+         "custom.vision: nframes is not supported by Gantry; sample videos with fps"),
+        ({"dataset": {"annotation_path": "t.json"}, "vision": {"total_pixels": 8}},
+         "custom.vision: total_pixels is not supported by Gantry; limit each image"),
+        ({"dataset": {"annotation_path": "t.json"}, "vision": {"resized_height": 8}},
+         "custom.vision: resized_height and resized_width go together"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_key(tmp_path, monkeypatch, custom, message):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "t.json", [{"id": "a", "conversations": QA}])
     assert failure("llava_json.py", custom).startswith(message.format(cwd=tmp_path))
+
+
+def test_the_cosmos_reason1_llava_recipe_keys_are_honoured(llava_dir, tmp_path, monkeypatch):
+    """[custom.dataset] annotation_path / media_path / system_prompt and [custom.vision] fps /
+    resized_width / resized_height, as the LLaVA guide and the warehouse recipe write them."""
+    from gantry.data.media import load_media
+
+    monkeypatch.chdir(tmp_path)
+    entry = {"id": "w", "image": "imgs/a.png", "conversations": QA}
+    write(llava_dir / "train_llava.json", [entry])
+    vision = {"fps": 1, "resized_width": 90, "resized_height": 50}
+    custom = {"dataset": {"annotation_path": "data/train_llava.json", "media_path": "data/",
+                          "system_prompt": "Be brief."}, "vision": vision}  # fmt: skip
+    [sample] = load("llava_json.py", custom)
+    part = image(llava_dir / "imgs/a.png", resized_height=50, resized_width=90)
+    assert sample["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        user(part, text("q")),
+        assistant("a"),
+    ]
+    assert load_media(sample["messages"]).images[0].size == (84, 56)  # smart_resize(50, 90)
+    custom["dataset"]["media_root"] = "data/"  # both spellings, one value: accepted
+    assert load("llava_json.py", custom) == [sample]
+    custom["dataset"]["system_prompt"] = ""  # the guide's default: no system message
+    assert load("llava_json.py", custom)[0]["messages"][0]["role"] == "user"
+
+
+def test_meta_and_hf_accept_the_recipe_keys(meta_dir, tmp_path):
+    [elsewhere] = media(tmp_path / "pool", "images/a.png")
+    meta = write(meta_dir / "meta.json", [
+        {"id": "a", "media": "images/a.png", "conversations": "text/a.json"}])  # fmt: skip
+    custom = {"dataset": {"annotation_path": str(meta), "media_path": str(tmp_path / "pool"),
+                          "system_prompt": "Look."}}  # fmt: skip
+    [sample] = load("meta_json.py", custom)
+    assert sample["messages"][:2] == [
+        {"role": "system", "content": "Look."},
+        user(image(elsewhere), text("What?")),
+    ]
+    rows = [
+        {"conversations": json.dumps([user("<image>Q?"), assistant("A.")]), "images": ["a.png"]}
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "hf")
+    custom = {"dataset": {"path": str(tmp_path / "hf"), "messages_column": "conversations",
+                          "media_path": str(tmp_path / "pool/images")}}  # fmt: skip
+    [row] = load("hf_chat.py", custom)
+    assert row["messages"] == [user(image(elsewhere), text("Q?")), assistant("A.")]
 
 
 def test_build_samples_counts_bad_entries_by_kind():

@@ -278,8 +278,8 @@ def test_has_media_and_text_only_messages(image_path):
 def test_load_media_errors_name_the_part_or_file(tmp_path):
     with pytest.raises(MediaError, match="needs a path in its 'image' key"):
         load_media([{"role": "user", "content": [{"type": "image"}]}])
-    with pytest.raises(MediaError, match=r"unknown keys \['resized_height'\]"):
-        part = {"type": "video", "video": "v.mp4", "resized_height": 280}
+    with pytest.raises(MediaError, match=r"unknown keys \['total_pixels'\]"):
+        part = {"type": "video", "video": "v.mp4", "total_pixels": 280}
         load_media([{"role": "user", "content": [part]}])
     with pytest.raises(MediaError, match="nothing.png"):
         load_media(

@@ -1,6 +1,7 @@
 """Encoding SFT steps ahead in encoder processes: the micro-batches equal the inline ones (text
 and images), a sample's error reaches the training process with its name, a share nobody
-announced is encoded inline, and unpicklable samples are refused with the fix."""
+announced is encoded inline, unpicklable samples are refused with the fix, and a torch Dataset
+of the dataset script's own class reaches the encoder processes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from policy.sft_prefetch import EncoderSpec, StepEncoder, _pickled
+from gantry.data.plugin import load_dataset_script
+from policy.sft_prefetch import EncoderSpec, StepEncoder, _pickled, by_path_modules
 from tests.distributed_helpers import ROOT
 
 
@@ -94,6 +96,47 @@ def test_a_bad_sample_fails_the_step_that_takes_it(tiny_llm):
         steps.prepare([0, 1])
         with pytest.raises(ValueError, match=r"sample 1 \(id q7\): no assistant turn"):
             steps.take([0, 1])
+    finally:
+        steps.close()
+
+
+TORCH_DATASET_SCRIPT = """
+import torch.utils.data
+
+
+class Conversations(torch.utils.data.Dataset):
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        user = {"role": "user", "content": f"what is {index} + {index}?"}
+        return {"messages": [user, {"role": "assistant", "content": str(2 * index)}]}
+
+
+def get_dataset(config):
+    return Conversations(config.get("size", 6))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_torch_dataset_of_the_script_reaches_the_encoder_processes(tiny_llm, tmp_path):
+    """The script is imported as gantry_dataset_script, a name spawned processes cannot import:
+    they are told its file and import it when unpickling the dataset asks for it."""
+    path = tmp_path / "torch_data.py"
+    path.write_text(TORCH_DATASET_SCRIPT)
+    samples = load_dataset_script(path, need_rewards=False).load_samples({"size": 6})
+    assert type(samples).__module__ == "gantry_dataset_script"
+    assert by_path_modules()["gantry_dataset_script"] == str(path.resolve())
+    spec = EncoderSpec(str(tiny_llm), 64, False, mini_batch=2, pad_token_id=0)
+    steps = StepEncoder(spec, samples, workers=1)
+    try:
+        share = [5, 0, 3, 1]
+        steps.prepare(share)
+        ahead, _ = steps.take(share)
+        assert_same(ahead, steps.encode_inline(share)[0])
     finally:
         steps.close()
 

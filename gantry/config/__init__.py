@@ -3,7 +3,7 @@
 - `schema`      the whole config (`GantryConfig`) and its small sections ([logging], [custom]...)
 - `training`    [train] and its sub-sections; `replicas` [policy] and [rollout]; `fields` shared types
 - `cluster`     Gantry's own sections for the machines: `[redis]`, `[fault_tolerance]`, `[slurm]`
-- `cosmos_keys` cosmos-rl keys accepted without effect (performance hints), with one warning
+- `cosmos_keys` cosmos-rl keys outside the schema: moved, refused, or accepted as hints
 - `loader`      the TOML loader, dotted overrides, error messages, the resolved-config files
 
 Everything a caller needs is exported here: `from gantry.config import load_config, GantryConfig`.

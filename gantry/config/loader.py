@@ -7,8 +7,11 @@ cosmos-rl configs load unchanged; `[redis]` is Gantry's own. Loading a config:
 
     cfg = load_config("configs/quickstart-grpo.toml", ["train.optm_lr=1e-5"])
 
-- Keys of cosmos-rl's schema that Gantry does not implement yet (`KNOWN_UNIMPLEMENTED`) are dropped
-  with one warning that names them all.
+- cosmos-rl keys (`gantry.config.cosmos_keys`): one that moved between cosmos-rl's releases is
+  read at its new place; one that cannot change the result is dropped; one that changes what is
+  trained is an error (unless its value is what Gantry does anyway). One warning names the moved
+  and dropped keys; `load_config(..., ignored=d)` puts the dropped ones, with values, in `d`
+  (the launcher records them in run.json).
 - Any other key that belongs to no model is an error naming the key, its section and the closest
   valid key; wrong types and out-of-range values are errors naming the key, what was expected and
   the value given. All problems are collected into one `ConfigError`.
@@ -34,7 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gantry.config.cosmos_keys import KNOWN_UNIMPLEMENTED
+from gantry.config.cosmos_keys import HINTS, MOVED, REFUSED, SAME_AS_GANTRY, known_keys
 from gantry.config.schema import GantryConfig
 
 
@@ -53,23 +56,31 @@ class ConfigWarning(UserWarning):
 # ------------------------------------------------------------------------------------ loading
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> GantryConfig:
+def load_config(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    ignored: dict[str, Any] | None = None,
+) -> GantryConfig:
     """Read a TOML config (None: all defaults), apply `section.key=value` overrides, validate.
 
     An override's value is parsed as a TOML value (`3`, `1e-5`, `true`, `["console"]`, `"x"`); if
     that fails, or if the key is a string field, the text is taken as a plain string.
-    Raises ConfigError listing every problem found.
+    `ignored`, if given, receives the cosmos-rl keys accepted without effect (dotted key ->
+    value), for run.json. Raises ConfigError listing every problem found.
     """
     raw = _read_toml(Path(path)) if path is not None else {}
     notes: list[str] = []
     _take_cosmos_redis_port(raw, notes)
     problems = [problem for text in overrides for problem in _apply_override(raw, text)]
-    ignored: list[str] = []
-    _check_keys(raw, GantryConfig, "", problems, ignored)
-    if ignored:
+    _move_cosmos_keys(raw, notes, problems)
+    dropped: dict[str, Any] = {}
+    _check_keys(raw, raw, GantryConfig, "", problems, dropped)
+    if dropped:
         notes.insert(
-            0, f"ignored cosmos-rl keys not implemented by Gantry yet: {', '.join(ignored)}"
+            0, f"ignored cosmos-rl keys that do not change the result: {', '.join(dropped)}"
         )
+    if ignored is not None:
+        ignored.update(dropped)
     if notes:
         warnings.warn("; ".join(notes), ConfigWarning, stacklevel=2)
     try:
@@ -107,6 +118,41 @@ def _take_cosmos_redis_port(raw: dict[str, Any], notes: list[str]) -> None:
         return
     raw["redis"] = {"port": int(value)}
     notes.append(f"read cosmos-rl's top-level redis = {value!r} as [redis] port = {int(value)}")
+
+
+def _move_cosmos_keys(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:
+    """Read keys that the current cosmos-rl release moved (`MOVED`) at their new place."""
+    for old, new in MOVED.items():
+        *old_path, old_key = old.split(".")
+        parent = _section(raw, old_path)
+        if parent is None or old_key not in parent:
+            continue
+        value = parent.pop(old_key)
+        *new_path, new_key = new.split(".")
+        target = _section(raw, new_path, create=True)
+        if target is None:
+            problems.append(f"{old}: moved to {new}, but {'.'.join(new_path)} is not a table")
+        elif new_key in target and target[new_key] != value:
+            problems.append(
+                f"{old} = {_show(value)} and {new} = {_show(target[new_key])} disagree: {old} "
+                f"is cosmos-rl's old place of {new}; keep only {new}"
+            )
+        elif value is None:  # cosmos-rl's "unset" (rollout.val_batch_size): nothing to move
+            notes.append(f"ignored {old} = None")
+        else:
+            target[new_key] = value
+            notes.append(f"read {old} (older cosmos-rl) as {new}")
+
+
+def _section(raw: dict[str, Any], path: list[str], create: bool = False) -> dict | None:
+    node: Any = raw
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        if part not in node and create:
+            node[part] = {}
+        node = node.get(part)
+    return node if isinstance(node, dict) else None
 
 
 def _apply_override(raw: dict[str, Any], text: str) -> list[str]:
@@ -171,33 +217,40 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 def _check_keys(
     data: dict[str, Any],
+    raw: dict[str, Any],
     model: type[BaseModel],
     section: str,
     problems: list[str],
-    ignored: list[str],
+    dropped: dict[str, Any],
 ) -> None:
-    """Drop known-unimplemented keys (into `ignored`) and unknown keys (into `problems`)."""
-    unimplemented = KNOWN_UNIMPLEMENTED.get(section, set())
+    """Drop cosmos-rl keys that cannot change the result (into `dropped`); refuse those that
+    change what is trained and keys that belong to no schema (into `problems`)."""
     for key in list(data):
         dotted = f"{section}.{key}" if section else key
         field = model.model_fields.get(key)
         if field is not None:
             sub = _submodel(field.annotation)
             if sub is not None and isinstance(data[key], dict):
-                _check_keys(data[key], sub, dotted, problems, ignored)
+                _check_keys(data[key], raw, sub, dotted, problems, dropped)
             continue
         value = data.pop(key)
-        if key in unimplemented:
-            ignored.append(dotted)
+        refused = REFUSED.get(section, {}).get(key)
+        same = SAME_AS_GANTRY.get(dotted)
+        if key in HINTS.get(section, set()) or (refused and same and same(value, raw)):
+            dropped[dotted] = value
+        elif refused:
+            problems.append(
+                f"{dotted} = {_show(value)}: cosmos-rl key that changes what is trained; {refused}"
+            )
         else:
-            problems.append(_unknown_key(key, value, section, model, unimplemented))
+            problems.append(_unknown_key(key, value, section, model, known_keys(section)))
 
 
 def _unknown_key(
-    key: str, value: Any, section: str, model: type[BaseModel], unimplemented: set[str]
+    key: str, value: Any, section: str, model: type[BaseModel], cosmos: set[str]
 ) -> str:
     valid = list(model.model_fields)
-    match = difflib.get_close_matches(key, valid + sorted(unimplemented), n=1)
+    match = difflib.get_close_matches(key, valid + sorted(cosmos), n=1)
     prefix = f"{section}." if section else ""
     if isinstance(value, dict):
         message = f"unknown section [{prefix}{key}]"

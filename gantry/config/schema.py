@@ -7,16 +7,17 @@ lives in `GantryConfig._sections_agree`. The sections live in `gantry.config.rep
 (`[redis]`, `[fault_tolerance]`, `[slurm]`); this module holds the root, `[logging]` and
 `[validation]`, and re-exports every section model (`from gantry.config.schema import
 TrainConfig` works). Loading, overrides and error messages are in `gantry.config.loader`; the
-cosmos-rl keys Gantry accepts without acting on them are in `gantry.config.cosmos_keys`.
+cosmos-rl keys outside this schema (moved, refused, accepted as hints) are in
+`gantry.config.cosmos_keys`.
 Imports no torch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from gantry.config.cluster import _MODEL_CONFIG, FaultToleranceConfig, RedisConfig, SlurmConfig
 from gantry.config.fields import Dtype, StrictFloat
@@ -57,21 +58,41 @@ def _common_multiple(near: int, *factors: int) -> int:
 
 # ------------------------------------------------------------------------- [logging], [redis]
 
+# Trackers cosmos-rl configs name in [logging] logger (cosmos-rl itself acts on 'wandb' only).
+_TRACKERS = ("wandb", "tensorboard")
+
 
 class LoggingConfig(BaseModel):
     """[logging]: progress reporting."""
 
     model_config = _MODEL_CONFIG
 
-    logger: list[Literal["console"]] = Field(
+    logger: list[str] = Field(
         default_factory=lambda: ["console"],
-        description="Where metrics go: 'console' (the controller's output).",
+        description="Where metrics go: 'console' (the controller's output). cosmos-rl's "
+        "trackers ('wandb', 'tensorboard') are not implemented yet.",
     )
     project_name: str = Field(default="gantry", description="Project the run belongs to.")
     experiment_name: str | None = Field(
         default=None, description="Short name of this run (unset: the run directory's name)."
     )
     log_interval: int = Field(default=1, gt=0, description="Print progress every N policy steps.")
+
+    @field_validator("logger")
+    @classmethod
+    def _known_loggers(cls, value: list[str]) -> list[str]:
+        problems = []
+        for name in value:
+            if name.lower() in _TRACKERS:
+                problems.append(
+                    f"{name!r}: experiment trackers are not implemented yet (issue 17 adds "
+                    "them): remove it (metrics go to the console and metrics.jsonl)"
+                )
+            elif name != "console":
+                problems.append(f"{name!r}: unknown logger; valid: 'console'")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return value
 
 
 # ------------------------------------------------------------------------------------- root

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,16 +64,65 @@ def malformed(message: str) -> EntryProblem:
 # ----------------------------------------------------------------------------- settings
 
 
+def _merge_aliases(table: Any, aliases: dict[str, str]) -> Any:
+    """`table` with each alias key (a published recipe's spelling) renamed to Gantry's key;
+    both spellings with different values are an error naming both."""
+    if not isinstance(table, dict):
+        return table
+    table = dict(table)
+    for alias, key in aliases.items():
+        if alias not in table:
+            continue
+        value = table.pop(alias)
+        if key in table and table[key] != value:
+            raise ValueError(
+                f"{alias} = {value!r} and {key} = {table[key]!r} are two spellings of one "
+                "setting with different values; keep one of them"
+            )
+        table[key] = value
+    return table
+
+
+def _refuse(table: Any, refused: dict[str, str]) -> None:
+    """A ValueError naming the first key of `refused` (key -> what to use) that `table` has."""
+    for key, instead in refused.items():
+        if isinstance(table, dict) and key in table:
+            raise ValueError(f"{key} is not supported by Gantry; {instead}")
+
+
 class DatasetSettings(BaseModel):
-    """The [custom.dataset] keys every layout has; each script subclasses it with its own."""
+    """The [custom.dataset] keys every layout has; each script subclasses it with its own.
+
+    ALIASES maps the key names the published cosmos-rl / Cosmos-Reason1 recipes use to the
+    script's own (e.g. media_path -> media_root); both are accepted."""
 
     model_config = ConfigDict(extra="forbid")
+    ALIASES: ClassVar[dict[str, str]] = {}
 
     on_bad_entry: Literal["fail", "skip"] = Field(
         "fail", description='"fail" stops at the first bad entry; "skip" skips and counts them'
     )
     max_samples: int | None = Field(None, gt=0, description="stop after N good samples")
     val_max_samples: int | None = Field(None, gt=0, description="the same, for validation")
+    system_prompt: str = Field(
+        "",
+        description="a system message put first in every conversation that has none "
+        "(the Cosmos-Reason1 recipes' key)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_spellings(cls, data: Any) -> Any:
+        return _merge_aliases(data, cls.ALIASES)
+
+
+# cosmos-reason1's VisionConfig keys Gantry does not implement, and what to use instead.
+REFUSED_VISION = {
+    "total_pixels": "limit each image / frame with max_pixels (and videos with max_frames)",
+    "nframes": "sample videos with fps, min_frames and max_frames",
+    "video_start": "cut the clip to the part to train on before training",
+    "video_end": "cut the clip to the part to train on before training",
+}
 
 
 class VisionSettings(BaseModel):
@@ -83,18 +132,36 @@ class VisionSettings(BaseModel):
 
     min_pixels: int | None = Field(None, gt=0, description="least pixels an image/frame keeps")
     max_pixels: int | None = Field(None, gt=0, description="most pixels an image/frame keeps")
+    resized_height: int | None = Field(
+        None, gt=0, description="resize images / frames to this height (with resized_width)"
+    )
+    resized_width: int | None = Field(
+        None, gt=0, description="resize images / frames to this width (with resized_height)"
+    )
     fps: float | None = Field(None, gt=0, description="video frames sampled per second")
+    min_frames: int | None = Field(None, gt=0, description="least frames taken from a video")
     max_frames: int | None = Field(None, gt=0, description="most frames taken from a video")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        _refuse(data, REFUSED_VISION)
+        return data
+
     @model_validator(mode="after")
-    def _pixels_ordered(self) -> VisionSettings:
+    def _consistent(self) -> VisionSettings:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels is above max_pixels ({self.max_pixels}); lower it")
+        if self.min_frames and self.max_frames and self.min_frames > self.max_frames:
+            raise ValueError(f"min_frames is above max_frames ({self.max_frames}); lower it")
+        if (self.resized_height is None) != (self.resized_width is None):
+            raise ValueError("resized_height and resized_width go together; give both or neither")
         return self
 
     def limits(self, kind: str) -> dict[str, Any]:
         """The limits a part of `kind` ("image" or "video") carries."""
-        keys = ("min_pixels", "max_pixels") + (("fps", "max_frames") if kind == "video" else ())
+        keys = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+        keys += ("fps", "min_frames", "max_frames") if kind == "video" else ()
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
@@ -363,6 +430,14 @@ def _finish_part(part: dict, media_root: Path, vision: VisionSettings) -> dict:
         raise EntryProblem(MISSING_MEDIA, f"missing media file {path}")
     own = {k: v for k, v in part.items() if k not in ("type", kind)}
     return {"type": kind, kind: str(path), **vision.limits(kind), **own}
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
+    """`messages` with a system message of `system_prompt` first, unless it is empty or the
+    conversation has its own system message."""
+    if not system_prompt or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def make_sample(entry_id: str, messages: list[dict], extras: dict) -> dict:

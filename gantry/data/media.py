@@ -2,8 +2,10 @@
 
 A sample's `messages` are chat messages whose content is a string or a list of parts:
 `{"type": "text", "text": ...}`, `{"type": "image", "image": "/abs/path", "min_pixels"?,
-"max_pixels"?}` and `{"type": "video", "video": "/abs/path" (a file, or a folder of frame
-images), "fps"?, "max_frames"?, "min_pixels"?, "max_pixels"?}`.
+"max_pixels"?, "resized_height"?, "resized_width"?}` and `{"type": "video", "video": "/abs/path"
+(a file, or a folder of frame images), "fps"?, "min_frames"?, "max_frames"?, "min_pixels"?,
+"max_pixels"?, "resized_height"?, "resized_width"?}`. `resized_height` and `resized_width`
+(both or neither, as in qwen-vl-utils) ask for that size, rounded by `smart_resize`.
 
 Media are resized here, once, with Qwen2-VL's `smart_resize` (sides multiples of 28, pixels
 within limits). The processor's own resize is then the identity, so the policy (a transformers
@@ -160,11 +162,24 @@ def _resize_exact(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.resize((width, height), resample=Image.Resampling.BICUBIC)
 
 
-def _resize(image: Image.Image, *, min_pixels: int, max_pixels: int, factor: int) -> Image.Image:
-    height, width = target_size(
-        image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor
-    )
-    return _resize_exact(image, height, width)
+def _resize(image: Image.Image, **limits) -> Image.Image:
+    return _resize_exact(image, *_frame_size(image.height, image.width, limits))
+
+
+def _frame_size(height: int, width: int, limits: dict) -> tuple[int, int]:
+    """`target_size` of (height, width), or of the asked (resized_height, resized_width)."""
+    limits = dict(limits)
+    asked = limits.pop("resized", None)
+    return target_size(*(asked or (height, width)), **limits)
+
+
+def _resized(resized_height: int | None, resized_width: int | None) -> tuple[int, int] | None:
+    if (resized_height is None) != (resized_width is None):
+        raise MediaError(
+            f"give resized_height and resized_width together, got {resized_height} and "
+            f"{resized_width}"
+        )
+    return None if resized_height is None else (int(resized_height), int(resized_width))
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -186,12 +201,16 @@ def load_image(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     factor: int = FACTOR,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
 ) -> Image.Image:
-    """Open an image as RGB, resized so both sides are multiples of `factor`, pixels in limits.
+    """Open an image as RGB, resized so both sides are multiples of `factor`, pixels in limits
+    (from resized_height x resized_width when given, else from its own size).
 
     With no limits, Qwen's defaults: 4 to 16384 patches of 28x28 pixels.
     """
     limits = _pixel_limits(min_pixels, max_pixels, IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS)
+    limits["resized"] = _resized(resized_height, resized_width)
     path = _local_path(path)
     image = _open_image(path)
     try:
@@ -285,7 +304,7 @@ def _read_video_file(path: Path, sampling: dict, limits: dict) -> tuple[np.ndarr
                 raise MediaError(f"video {path}: has no frames")
             source_fps = _stream_fps(stream) or sampling["fps"]
             indices = sample_indices(total, source_fps, **sampling)
-            size = target_size(stream.height, stream.width, **limits)
+            size = _frame_size(stream.height, stream.width, limits)
             frames = _decode_selected(container, indices, size)
     except MediaError:
         raise
@@ -311,7 +330,7 @@ def _read_frame_folder(path: Path, sampling: dict, limits: dict) -> tuple[np.nda
     indices = sample_indices(len(files), source_fps, **sampling)
     images = [_open_image(files[i]) for i in indices]
     try:
-        height, width = target_size(images[0].height, images[0].width, **limits)
+        height, width = _frame_size(images[0].height, images[0].width, limits)
     except ValueError as exc:  # smart_resize: aspect ratio over 200
         raise MediaError(f"video {path}: {exc}") from exc
     frames = [np.asarray(_resize_exact(image, height, width)) for image in images]
@@ -327,18 +346,22 @@ def load_video(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     factor: int = FACTOR,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
 ) -> Video:
     """Decode a video file (or a folder of frame images at `fps`), sampled and resized.
 
     Frames are taken uniformly at `fps` (at least min_frames, at most max_frames, never more than
     the source has); the last is repeated if their count is odd. Every frame is resized with
-    `smart_resize`; with no limits, Qwen's video defaults: 128 to 768 patches of 28x28 pixels.
+    `smart_resize` (of resized_height x resized_width when given); with no limits, Qwen's video
+    defaults: 128 to 768 patches of 28x28 pixels.
     """
     _check_video_args(fps, min_frames, max_frames)
     path = _local_path(path)
     sampling = {"fps": fps, "min_frames": min_frames, "max_frames": max_frames - max_frames % 2}
     limits = _pixel_limits(min_pixels, max_pixels, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
     limits["factor"] = factor
+    limits["resized"] = _resized(resized_height, resized_width)
     if path.is_dir():
         frames, source_fps, total = _read_frame_folder(path, sampling, limits)
     elif path.is_file():
@@ -356,8 +379,8 @@ def load_video(
 
 # ---- messages --------------------------------------------------------------------------------
 
-IMAGE_OPTIONS = ("min_pixels", "max_pixels")
-VIDEO_OPTIONS = ("fps", "max_frames", "min_frames", "min_pixels", "max_pixels")
+IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+VIDEO_OPTIONS = ("fps", "max_frames", "min_frames", *IMAGE_OPTIONS)
 
 
 def _media_parts(messages: list[dict]):

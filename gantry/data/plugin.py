@@ -9,7 +9,8 @@ any fields the reward functions read. GRPO and evaluation prompt the model with 
 before the last assistant turn (all of them when there is none); SFT trains on the assistant
 turns. Message contents are strings, or lists of parts for images and videos:
 {"type": "text", "text": ...}, {"type": "image", "image": path}, {"type": "video", "video": path}
-(see gantry/data/media.py). Every failure names the script's path,
+(see gantry/data/media.py). A script written for cosmos-rl (it imports `cosmos_rl`) is run by
+gantry.cosmos and mapped onto the same API (docs/cosmos-rl.md). Every failure names the script's path,
 the function and, for rewards, the sample it failed on.
 """
 
@@ -104,11 +105,26 @@ def call_user_code(
         ) from exc
 
 
-def load_dataset_script(path: str | Path, *, need_rewards: bool = True) -> DatasetScript:
-    """Import the script at `path` and check it has what a run needs."""
+def load_dataset_script(
+    path: str | Path,
+    *,
+    need_rewards: bool = True,
+    config: Any = None,
+    model_path: str | None = None,
+    config_source: str | Path | None = None,
+) -> DatasetScript:
+    """Import the script at `path` and check it has what a run needs.
+
+    A script written for cosmos-rl (it imports `cosmos_rl`) goes through gantry.cosmos, which
+    needs the run's resolved `config` (GantryConfig), the resolved `model_path` (its tokenizer)
+    and, to keep keys Gantry does not use, the user's TOML (`config_source`)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise DatasetScriptError(f"dataset script {path} does not exist")
+    from gantry.cosmos import is_cosmos_script  # gantry.cosmos imports nothing of gantry.data
+
+    if is_cosmos_script(path):
+        return _load_cosmos(path, need_rewards, config, model_path, config_source)
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[_MODULE_NAME] = module  # dataclasses and pickling look the module up here
@@ -132,6 +148,23 @@ def load_dataset_script(path: str | Path, *, need_rewards: bool = True) -> Datas
     if get_val_dataset is not None and not callable(get_val_dataset):
         raise DatasetScriptError(f"{path}: get_val_dataset is {get_val_dataset!r}, not a function")
     return DatasetScript(path, get_dataset, reward_fns, get_val_dataset)
+
+
+def _load_cosmos(path: Path, need_rewards: bool, config, model_path, config_source):
+    from gantry.cosmos import load_cosmos_script
+
+    parts = call_user_code(
+        f"{path}: running the cosmos-rl script as __main__",
+        lambda: load_cosmos_script(
+            path, config=config, model_path=model_path, config_source=config_source
+        ),
+    )
+    if need_rewards and not parts.reward_fns:
+        raise DatasetScriptError(
+            f"{path}: GRPO needs launch_worker(reward_fns=[...]); Gantry does not provide "
+            "cosmos-rl's built-in rewards (train_policy.reward_function)"
+        )
+    return DatasetScript(path, parts.get_dataset, parts.reward_fns, parts.get_val_dataset)
 
 
 def prompt_messages(sample: Any, path: Path | str = "", index: int = 0) -> list[dict]:

@@ -25,6 +25,7 @@ from gantry.comm.transport import ControlPlane, redis_password
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
 from gantry.data.plugin import DatasetScriptError, load_dataset_script
 from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
+from gantry.launch.checks import check_model_fits
 from gantry.launch.multinode import Cluster, join_run, publish_run
 from gantry.launch.nodes import NodePlanError
 from gantry.launch.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
@@ -85,7 +86,8 @@ def resolve_model(name_or_path: str, output_dir: Path) -> str:
 
 def prepare(args: argparse.Namespace):
     """Validate everything a run needs; raises ConfigError, DatasetScriptError or LaunchError."""
-    config = resolve_parallelism(load_config(args.config, args.overrides))
+    ignored: dict = {}  # cosmos-rl keys accepted without effect: recorded in run.json
+    config = resolve_parallelism(load_config(args.config, args.overrides, ignored=ignored))
     grpo = config.train.train_policy.type == "grpo"
     script = load_dataset_script(args.dataset, need_rewards=grpo)
     dataset_size = len(script.load_samples(config.custom))
@@ -103,13 +105,13 @@ def prepare(args: argparse.Namespace):
             f"but one step takes {groups_per_step(config)} ({per_step}): lower "
             "train.train_batch_per_replica or raise train.epoch"
         )
-    return config, script, dataset_size, steps
+    return config, script, dataset_size, steps, ignored
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config, script, dataset_size, steps = prepare(args)
+        config, script, dataset_size, steps, ignored = prepare(args)
     except (ConfigError, DatasetScriptError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(config.train.output_dir).resolve()
     try:
         model_path = resolve_model(config.policy.model_name_or_path, output_dir)
+        check_model_fits(config, model_path)
         resume_from = find_resume_checkpoint(config.train.resume, output_dir)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path=model_path,
         resume_from=str(resume_from or ""),
         head_host=cluster.head_host,
+        ignored_config_keys=ignored,
     )
     return run(config, info, cluster)
 

@@ -19,8 +19,9 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.comm.protocol import Keys, WorkerFailed
 from gantry.comm.transport import ControlPlane
@@ -47,6 +48,9 @@ class RunInfo(BaseModel):
     head_host: str = "127.0.0.1"  # node 0 as every node reaches it (the weight-sync store)
     policy_master: str = ""  # host:port where the policy's torchrun job meets
     attempt: int = 0  # how many times the launcher started the run again
+    # cosmos-rl keys of the config accepted without effect (dotted key -> value), see
+    # gantry.config.cosmos_keys: what was asked and not acted on, kept with the run.
+    ignored_config_keys: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunInfo:
