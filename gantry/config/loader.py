@@ -354,7 +354,12 @@ def read_resolved_config(path: str | Path) -> GantryConfig:
 def config_to_toml(cfg: GantryConfig) -> str:
     """The config as TOML (None values omitted), which loads back to an equal config."""
     # python mode keeps datetimes that [custom] may hold as TOML datetimes, not strings.
-    return "\n".join(_toml_table(cfg.model_dump(mode="python"), ())) + "\n"
+    return table_to_toml(cfg.model_dump(mode="python"))
+
+
+def table_to_toml(table: dict[str, Any]) -> str:
+    """A dict as TOML (None values omitted: TOML has no null)."""
+    return "\n".join(_toml_table(table, ())) + "\n"
 
 
 def _toml_table(table: dict[str, Any], path: tuple[str, ...]) -> list[str]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
-import re
 from typing import Any
+
+from gantry.config.loader import table_to_toml
 
 _DATASET = {"name": "", "subset": "", "revision": "", "split": [], "local_dir": ""}
 
@@ -167,39 +167,4 @@ def config_class(base_tree: dict) -> type:
     return Config
 
 
-def to_toml(table: dict, path: tuple[str, ...] = ()) -> str:
-    """A dict as TOML (None values omitted: TOML has no null)."""
-    lines = [f"[{'.'.join(_key(p) for p in path)}]"] if path else []
-    subtables = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            subtables.append((key, value))
-        elif value is not None:
-            lines.append(f"{_key(key)} = {_value(value)}")
-    text = "\n".join(lines) + ("\n" if lines else "")
-    for key, value in subtables:
-        text += ("\n" if text else "") + to_toml(value, (*path, key))
-    return text
-
-
-def _key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _string(key)
-
-
-def _string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)  # TOML spells inf and nan as Python does
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value if v is not None) + "]"
-    if isinstance(value, dict):
-        inner = ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None)
-        return "{" + inner + "}"
-    return _string(str(value))
+to_toml = table_to_toml  # the config's TOML writer: one for Gantry's and the script's
