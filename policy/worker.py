@@ -101,11 +101,18 @@ class PolicyWorker:
 
         if not is_vision_language(AutoConfig.from_pretrained(self.info.model_path)):
             return ()
-        script = load_dataset_script(self.info.dataset_script)
+        script = load_dataset_script(
+            self.info.dataset_script, config=self.config, model_path=self.info.model_path
+        )
         return script.load_samples(self.config.custom)
 
     def _sft_trainer(self, mesh, total_steps: int) -> SFTTrainer:
-        script = load_dataset_script(self.info.dataset_script, need_rewards=False)
+        script = load_dataset_script(
+            self.info.dataset_script,
+            need_rewards=False,
+            config=self.config,
+            model_path=self.info.model_path,
+        )
         custom = self.config.custom
         samples = script.load_samples(custom)
         val = script.load_val_samples(custom) if self.config.validation.enable else ()

@@ -112,7 +112,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     from rollout.worker import make_engine
 
     config = load_config(args.config, args.overrides)
-    script = load_dataset_script(args.dataset, need_rewards=False)
+    script = load_dataset_script(
+        args.dataset, need_rewards=False, config=config, model_path=args.model
+    )
     samples = (
         script.load_val_samples(config.custom)
         if args.split == "val"

@@ -70,7 +70,9 @@ class RolloutWorker:
         self.config, self.info, self.replica = config, info, replica
         self.keys = info.keys
         self.plane = ControlPlane(info.redis_url)
-        self.script = load_dataset_script(info.dataset_script)
+        self.script = load_dataset_script(
+            info.dataset_script, config=config, model_path=info.model_path
+        )
         self.samples = self.script.load_samples(config.custom)
         self.prompts_of = PromptBuilder(info.model_path)
         self.tokenizer = self.prompts_of.tokenizer

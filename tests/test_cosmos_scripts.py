@@ -308,3 +308,9 @@ def test_an_installed_cosmos_rl_is_replaced_for_the_script_and_put_back(
     assert sys.modules["cosmos_rl"] is cosmos_rl and cosmos_rl.REAL
     assert script.score("x", script.load_samples({})[1], 1) == 1.0
     monkeypatch.delitem(sys.modules, "cosmos_rl")
+
+
+def test_a_cosmos_script_without_the_run_config_is_refused(tmp_path):
+    """Without the run's config its Config would hold cosmos-rl's defaults, not the user's."""
+    with pytest.raises(DatasetScriptError, match="load it with the run's config"):
+        load_dataset_script(write(tmp_path, GRPO_SCRIPT))

@@ -124,6 +124,10 @@ def load_dataset_script(
     from gantry.cosmos import is_cosmos_script  # gantry.cosmos imports nothing of gantry.data
 
     if is_cosmos_script(path):
+        if config is None:  # its Config would hold cosmos-rl's defaults, not the run's values
+            raise DatasetScriptError(
+                f"{path} is a cosmos-rl script: load it with the run's config (config=...)"
+            )
         return _load_cosmos(path, need_rewards, config, model_path, config_source)
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
     module = importlib.util.module_from_spec(spec)

@@ -89,7 +89,7 @@ def prepare(args: argparse.Namespace):
     ignored: dict = {}  # cosmos-rl keys accepted without effect: recorded in run.json
     config = resolve_parallelism(load_config(args.config, args.overrides, ignored=ignored))
     grpo = config.train.train_policy.type == "grpo"
-    script = load_dataset_script(args.dataset, need_rewards=grpo)
+    script = load_dataset_script(args.dataset, need_rewards=grpo, config=config)
     dataset_size = len(script.load_samples(config.custom))
     if not grpo and config.validation.enable:
         script.load_val_samples(config.custom)  # fails here, before any worker starts
