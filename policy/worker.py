@@ -43,6 +43,7 @@ from gantry.config import GantryConfig
 from gantry.data.plugin import load_dataset_script
 from gantry.launch.placement import rollout_dtype
 from gantry.models.loading import is_vision_language
+from gantry.run.activity import Activity
 from gantry.run.checkpoints import prune_step_dirs, step_of
 from gantry.run.runtime import Heartbeat, RunInfo, host_name, planned_steps
 from policy.checkpoint import PolicyCheckpointer
@@ -92,6 +93,8 @@ class PolicyWorker:
         self.checkpointer = PolicyCheckpointer(async_mode=config.train.ckpt.save_mode == "async")
         self.uploader = self._make_uploader() if self.is_main else None
         self.save_started: dict[int, float] = {}
+        # What this rank does now (published with the heartbeat; idle time for the metrics).
+        self.activity = Activity("policy", replica, rank=self.env.rank, host=host_name())
         if info.resume_from:
             self._resume(Path(info.resume_from))
 
@@ -147,7 +150,9 @@ class PolicyWorker:
             self.plane.redis.set(self.keys.manifest, self.weights.manifest.to_json())
         heartbeat = None
         if self.env.local_rank == 0:
-            heartbeat = Heartbeat(self.plane, self.keys.heartbeat("policy", self.replica)).start()
+            heartbeat = Heartbeat(
+                self.plane, self.keys.heartbeat("policy", self.replica), self.activity
+            ).start()
             self.plane.send(
                 self.keys.events,
                 Register(role="policy", replica=self.replica, pid=os.getpid(), host=host_name()),

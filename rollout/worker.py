@@ -31,6 +31,7 @@ from gantry.comm.transport import ControlPlane, Delivery
 from gantry.config import GantryConfig
 from gantry.data.plugin import load_dataset_script
 from gantry.launch.placement import rollout_dtype
+from gantry.run.activity import Activity
 from gantry.run.runtime import Heartbeat, RunInfo, host_name
 from rollout.engine import RolloutEngine, SamplingSettings
 from rollout.prompts import PromptBuilder
@@ -84,10 +85,14 @@ class RolloutWorker:
         self.prompts = self.keys.prompts(replica)
         self.consumer = f"rollout-{replica}"
         self.stopping = False
+        # What this replica does now (published with the heartbeat; idle time for the metrics).
+        self.activity = Activity("rollout", replica, host=host_name())
 
     def run(self) -> None:
         self.plane.ensure_group(self.prompts, GROUP)
-        heartbeat = Heartbeat(self.plane, self.keys.heartbeat("rollout", self.replica)).start()
+        heartbeat = Heartbeat(
+            self.plane, self.keys.heartbeat("rollout", self.replica), self.activity
+        ).start()
         ranks = self.config.rollout.parallelism.tp_size
         if self.config.rollout.backend == "transformers":
             ranks = 1

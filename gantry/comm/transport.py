@@ -148,8 +148,9 @@ class ControlPlane:
             self.redis.unlink(*keys[i : i + 1000])
         return len(keys)
 
-    def beat(self, key: str, ttl_s: float) -> None:
-        self.redis.set(key, b"1", px=int(ttl_s * 1000))
+    def beat(self, key: str, ttl_s: float, value: bytes = b"1") -> None:
+        """Refresh a heartbeat key; its value says what the process does (gantry.run.activity)."""
+        self.redis.set(key, value, px=int(ttl_s * 1000))
 
     def alive(self, key: str) -> bool:
         return bool(self.redis.exists(key))

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gantry.comm.protocol import Keys, WorkerFailed
 from gantry.comm.transport import ControlPlane
 from gantry.config import GantryConfig, read_resolved_config
+from gantry.run.activity import Activity
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 30.0
@@ -114,19 +115,23 @@ def load_run(run_dir: str) -> tuple[GantryConfig, RunInfo]:
 class Heartbeat:
     """Refreshes this worker's heartbeat key from a daemon thread, also while it computes."""
 
-    def __init__(self, plane: ControlPlane, key: str) -> None:
-        self._plane, self._key = plane, key
+    def __init__(self, plane: ControlPlane, key: str, activity: Activity | None = None) -> None:
+        self._plane, self._key, self._activity = plane, key, activity
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
-        self._plane.beat(self._key, HEARTBEAT_TTL_S)
+        self._beat()
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
-            self._plane.beat(self._key, HEARTBEAT_TTL_S)
+            self._beat()
+
+    def _beat(self) -> None:
+        value = self._activity.encode() if self._activity is not None else b"1"
+        self._plane.beat(self._key, HEARTBEAT_TTL_S, value)
 
     def stop(self) -> None:
         self._stop.set()
