@@ -29,6 +29,7 @@ def build_optimizer(
         params,
         lr=train.optm_lr,
         betas=tuple(train.optm_betas),
+        eps=train.epsilon,
         weight_decay=train.optm_weight_decay,
         **impl[train.optm_impl],
     )

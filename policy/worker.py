@@ -105,7 +105,10 @@ class PolicyWorker:
         if not is_vision_language(AutoConfig.from_pretrained(self.info.model_path)):
             return ()
         script = load_dataset_script(
-            self.info.dataset_script, config=self.config, model_path=self.info.model_path
+            self.info.dataset_script,
+            config=self.config,
+            model_path=self.info.model_path,
+            config_source=self.info.config_source or None,
         )
         return script.load_samples(self.config.custom)
 
@@ -115,6 +118,7 @@ class PolicyWorker:
             need_rewards=False,
             config=self.config,
             model_path=self.info.model_path,
+            config_source=self.info.config_source or None,
         )
         custom = self.config.custom
         samples = script.load_samples(custom)

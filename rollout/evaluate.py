@@ -113,7 +113,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     config = load_config(args.config, args.overrides)
     script = load_dataset_script(
-        args.dataset, need_rewards=False, config=config, model_path=args.model
+        args.dataset,
+        need_rewards=False,
+        config=config,
+        model_path=args.model,
+        config_source=args.config,
     )
     samples = (
         script.load_val_samples(config.custom)

@@ -72,7 +72,10 @@ class RolloutWorker:
         self.keys = info.keys
         self.plane = ControlPlane(info.redis_url)
         self.script = load_dataset_script(
-            info.dataset_script, config=config, model_path=info.model_path
+            info.dataset_script,
+            config=config,
+            model_path=info.model_path,
+            config_source=info.config_source or None,
         )
         self.samples = self.script.load_samples(config.custom)
         self.prompts_of = PromptBuilder(info.model_path)

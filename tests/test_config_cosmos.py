@@ -278,7 +278,6 @@ REFUSED_VALUES = {
     "rollout.include_stop_str_in_output": "true",
     "rollout.quantization": '"fp8"',
     "rollout.multi_turn_config": "{ enable = true }",
-    "train.epsilon": "1e-6",
     "train.optm_warmup_start_factor": "0.1",
     "train.optm_decay_ratio": "0.1",
     "train.ema_enable": "true",

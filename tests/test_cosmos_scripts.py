@@ -247,8 +247,14 @@ def test_script_that_never_calls_launch_worker(tmp_path):
 
 
 def test_unprovided_cosmos_module_names_itself(tmp_path):
-    body = "from cosmos_rl.dispatcher.algo.reward import format_reward_fn\n"
-    with pytest.raises(DatasetScriptError, match=r"cosmos_rl\.dispatcher\.algo is not provided"):
+    body = "from cosmos_rl.dispatcher.replica import Rollout\n"
+    with pytest.raises(DatasetScriptError, match=r"cosmos_rl\.dispatcher\.replica is not provided"):
+        load_dataset_script(write(tmp_path, body), config=grpo_config(tmp_path))
+
+
+def test_unprovided_builtin_reward_names_what_is_provided(tmp_path):
+    body = "from cosmos_rl.dispatcher.algo.reward import boxed_math_reward_fn\n"
+    with pytest.raises(DatasetScriptError, match=r"boxed_math_reward_fn.*format_reward_fn"):
         load_dataset_script(write(tmp_path, body), config=grpo_config(tmp_path))
 
 

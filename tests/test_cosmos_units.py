@@ -131,3 +131,42 @@ def test_detection_reads_imports_without_running(tmp_path):
     assert is_cosmos_script(path)
     path.write_text("from cosmos_rlx import y\nimport os\n")
     assert not is_cosmos_script(path)
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference", "single_choice", "format_"),
+    [
+        ("<think>A or B</think>\n\n<answer>B</answer>", "B", 1.0, 1.0),
+        ("<think>x</think>\n\n<answer> b </answer>", "<answer>B</answer>", 1.0, 1.0),
+        ("<think>x</think>\n<answer>B</answer>", "B", 1.0, 0.0),  # one newline: bad format
+        ("<think>a<think>b</think>\n\n<answer>C</answer>", "B", 0.0, 0.0),  # nested think
+        ("B", "B", 1.0, 0.0),  # no tags: the whole text is the answer
+        ("<think>x</think>\n\n<answer>A</answer> trailing", "A", 1.0, 0.0),
+        ("<answer>A</answer>", None, 0.0, 0.0),  # no reference
+    ],
+)
+def test_builtin_rewards_the_cosmos_reason1_script_imports(
+    completion, reference, single_choice, format_
+):
+    from gantry.cosmos.rewards import format_reward_fn, single_choice_reward_fn
+
+    assert single_choice_reward_fn(completion, reference, config=None) == single_choice
+    assert format_reward_fn(completion, reference) == format_
+
+
+def test_text_only_content_parts_become_one_string_for_text_models():
+    from gantry.cosmos.samples import _text_parts_joined
+
+    image = {"type": "image", "image": "a.png"}
+    messages = [
+        {"role": "system", "content": ""},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "1 + "}, {"type": "text", "text": "2"}],
+        },
+        {"role": "user", "content": [image, {"type": "text", "text": "what?"}]},
+    ]
+    joined = _text_parts_joined(messages)
+    assert joined[1] == {"role": "user", "content": "1 + 2"}
+    assert joined[0] == messages[0] and joined[2] == messages[2]  # media parts stay parts
+    assert isinstance(messages[1]["content"], list)  # the dataset's own item is not changed

@@ -38,3 +38,20 @@ def test_scheduler_from_config_applies_to_the_optimizer():
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([0.05, 0.1, 0.1, 0.0])
+
+
+def test_train_epsilon_is_the_optimizer_eps():
+    """cosmos-rl's train.epsilon reaches AdamW: with a large eps the first step is visibly
+    smaller than with torch's default (AdamW's first step is lr * g / (|g| + eps))."""
+    steps = {}
+    for eps in (1e-8, 1.0):
+        config = load_config(None, ["train.optm_lr=0.1", f"train.epsilon={eps}",
+                                    'train.optm_impl="for-loop"'])  # fmt: skip
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = build_optimizer([param], config.train)
+        assert optimizer.param_groups[0]["eps"] == eps
+        param.grad = torch.ones(1)
+        optimizer.step()
+        steps[eps] = -param.item()
+    assert steps[1e-8] == pytest.approx(0.1, rel=1e-5)
+    assert steps[1.0] == pytest.approx(0.1 / 2, rel=1e-3)  # bias-corrected sqrt(v) = 1

@@ -173,8 +173,6 @@ REFUSED: dict[str, dict[str, str]] = {
         "multi_turn_config": "multi-turn rollout is " + _NOT_IMPLEMENTED,
     },
     "train": {
-        "epsilon": "Gantry's optimizer uses eps = 1e-8 (torch's default; the pinned cosmos-rl "
-        "release ignored train.epsilon too): remove it",
         "optm_warmup_start_factor": "Gantry warms up from 0: remove it",
         "optm_decay_ratio": "Gantry decays over all steps after the warm-up: remove it",
         "ema_enable": "an EMA of the weights is " + _NOT_IMPLEMENTED,
@@ -286,7 +284,6 @@ SAME_AS_GANTRY: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
     "rollout.include_stop_str_in_output": _is(False),
     "rollout.quantization": _is("none"),
     "rollout.multi_turn_config": _off("enable"),
-    "train.epsilon": _is(1e-8),
     "train.optm_warmup_start_factor": _is(0.0, 0),
     "train.optm_decay_ratio": _is(None),
     "train.ema_enable": _is(False),

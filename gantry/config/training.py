@@ -188,6 +188,13 @@ class TrainConfig(BaseModel):
         strict=False,
         description="AdamW (beta1, beta2), each in [0, 1).",
     )
+    epsilon: float = Field(
+        default=1e-8,
+        gt=0,
+        description="The optimizer's eps (AdamW/Adam denominator term). cosmos-rl's current "
+        "release passes train.epsilon (its default 1e-6); the release the Cosmos-Reason1 guides "
+        "pin ignored it and used torch's 1e-8, Gantry's default.",
+    )
     optm_grad_norm_clip: float = Field(
         default=1.0, description="Gradients are clipped to this global L2 norm (> 0)."
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gantry.cosmos.packers import BUILTIN, HFVLMDataPacker
+from gantry.cosmos.rewards import PROVIDED as REWARDS
 
 log = logging.getLogger("gantry.cosmos")
 _said_shadowed = False
@@ -85,6 +86,10 @@ def build(config_cls: type, launch: LaunchCall) -> dict[str, types.ModuleType]:
             "cosmos_rl.policy.config", "", Config=config_cls, DatasetConfig=config_cls
         ),
         "cosmos_rl.dispatcher": _module("cosmos_rl.dispatcher", ""),
+        "cosmos_rl.dispatcher.algo": _module("cosmos_rl.dispatcher.algo", ""),
+        "cosmos_rl.dispatcher.algo.reward": _module(
+            "cosmos_rl.dispatcher.algo.reward", "cosmos-rl's built-in rewards", **REWARDS
+        ),
         "cosmos_rl.dispatcher.data": _module("cosmos_rl.dispatcher.data", ""),
         "cosmos_rl.dispatcher.data.packer": _module(
             "cosmos_rl.dispatcher.data.packer", "", **packer_names

@@ -222,15 +222,31 @@ def _conversation(item: Any, path: Path, index: int, sft: bool) -> list:
     if isinstance(item, dict):
         for key in ("messages", "conversations", "conversation"):
             if isinstance(item.get(key), list):
-                return item[key]
+                return _text_parts_joined(item[key])
     if isinstance(item, list) and all(isinstance(m, dict) and "role" in m for m in item):
-        return item
+        return _text_parts_joined(item)
     what = "an SFT item" if sft else "a prompt"
     raise CosmosError(
         f"{path}: dataset[{index}] is {repr(item)[:200]}; {what} must be a conversation (a list "
         "of {'role', 'content'} dicts) or a dict holding one under 'messages' or 'conversations'"
         + ("" if sft else ", or a string")
     )
+
+
+def _text_parts_joined(messages: list) -> list:
+    """Messages whose content is only text parts get it as one string (a copy): a text-only
+    model's chat template (Qwen2.5's) concatenates `content` as a string, while a VLM's renders
+    the parts one after the other, with nothing between them, which is the same text."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            message = {**message, "content": "".join(p["text"] for p in content)}
+        out.append(message)
+    return out
 
 
 def _prompt_sample(item: Any, path: Path, index: int) -> dict:

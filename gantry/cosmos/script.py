@@ -123,6 +123,8 @@ def _run_as_main(path: Path, source: str, mods: dict, toml_path: str) -> None:
     try:
         with provided(mods):
             exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102
+    except ImportError as exc:
+        raise _named_import_error(exc, mods) from None
     finally:
         sys.path.remove(str(path.parent))
         sys.argv = saved_argv
@@ -132,3 +134,19 @@ def _run_as_main(path: Path, source: str, mods: dict, toml_path: str) -> None:
 
 
 _KEEP: list[types.ModuleType] = []
+
+
+def _named_import_error(exc: ImportError, mods: dict) -> ImportError:
+    """`from cosmos_rl.x import name` of a name the layer lacks: Python's bare "cannot import
+    name" becomes one that lists what the layer provides in that module."""
+    module = mods.get(exc.name or "")
+    if module is None or "cannot import name" not in str(exc):
+        return exc
+    names = sorted(
+        n for n, v in vars(module).items() if not n.startswith("_") and not isinstance(v, type(sys))
+    )
+    return ImportError(
+        f"{exc.msg.split(' (')[0]}: not provided by Gantry's cosmos-rl layer (provided in "
+        f"{exc.name}: {', '.join(names) or 'nothing'}); see docs/cosmos-rl.md",
+        name=exc.name,
+    )

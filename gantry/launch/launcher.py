@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from gantry.comm.transport import ControlPlane, redis_password
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
-from gantry.data.plugin import DatasetScriptError, load_dataset_script
+from gantry.cosmos import is_cosmos_script
+from gantry.data.plugin import DatasetScriptError
+from gantry.data.script_check import check_dataset_script
 from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
 from gantry.launch.checks import check_model_fits
 from gantry.launch.multinode import Cluster, join_run, publish_run
@@ -85,14 +88,26 @@ def resolve_model(name_or_path: str, output_dir: Path) -> str:
 
 
 def prepare(args: argparse.Namespace):
-    """Validate everything a run needs; raises ConfigError, DatasetScriptError or LaunchError."""
+    """Validate everything a run needs; raises ConfigError, DatasetScriptError or LaunchError.
+
+    The dataset script is loaded and counted here; one written for cosmos-rl imports torch, so
+    it is checked in a child process (gantry.data.script_check) with the run's model, whose
+    tokenizer it may use."""
     ignored: dict = {}  # cosmos-rl keys accepted without effect: recorded in run.json
     config = resolve_parallelism(load_config(args.config, args.overrides, ignored=ignored))
     grpo = config.train.train_policy.type == "grpo"
-    script = load_dataset_script(args.dataset, need_rewards=grpo, config=config)
-    dataset_size = len(script.load_samples(config.custom))
-    if not grpo and config.validation.enable:
-        script.load_val_samples(config.custom)  # fails here, before any worker starts
+    model_path = None
+    if is_cosmos_script(Path(args.dataset)):
+        output_dir = Path(config.train.output_dir).resolve()
+        model_path = resolve_model(config.policy.model_name_or_path, output_dir)
+    script_path, dataset_size = check_dataset_script(
+        args.dataset,
+        config=config,
+        need_rewards=grpo,
+        validation=not grpo and config.validation.enable,  # fails here, before any worker
+        model_path=model_path,
+        config_source=args.config,
+    )
     steps = planned_steps(config, dataset_size)
     if steps == 0:
         per_step = (
@@ -105,20 +120,20 @@ def prepare(args: argparse.Namespace):
             f"but one step takes {groups_per_step(config)} ({per_step}): lower "
             "train.train_batch_per_replica or raise train.epoch"
         )
-    return config, script, dataset_size, steps, ignored
+    return config, script_path, dataset_size, steps, ignored
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config, script, dataset_size, steps, ignored = prepare(args)
+        config, script_path, dataset_size, steps, ignored = prepare(args)
     except (ConfigError, DatasetScriptError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.dry_run:
         print(config_to_toml(config), end="")
         parallel = config.policy.parallelism
-        print(f"# dataset: {script.path} ({dataset_size} samples); policy steps: {steps}")
+        print(f"# dataset: {script_path} ({dataset_size} samples); policy steps: {steps}")
         print(
             f"# policy: {parallel.n_init_replicas} replica(s) x {parallel.ranks_per_replica} "
             f"rank(s) (dp_replicate_size {parallel.dp_replicate_size} x dp_shard_size "
@@ -146,14 +161,25 @@ def main(argv: list[str] | None = None) -> int:
         run_id=run_id,
         run_dir=str(run_dir),
         redis_url="",
-        dataset_script=str(script.path),
+        dataset_script=str(script_path),
         dataset_size=dataset_size,
         model_path=model_path,
         resume_from=str(resume_from or ""),
         head_host=cluster.head_host,
         ignored_config_keys=ignored,
+        config_source=keep_config_source(args.config, run_dir),
     )
     return run(config, info, cluster)
+
+
+def keep_config_source(config_path: str | None, run_dir: Path) -> str:
+    """Copy the user's TOML into the run directory (what the scripts of every process read,
+    also after the original is edited); its path, or "" without one."""
+    if not config_path:
+        return ""
+    kept = run_dir / "config.source.toml"
+    shutil.copyfile(config_path, kept)
+    return str(kept)
 
 
 def new_run_dir(output_dir: Path, run_id: str) -> tuple[str, Path]:

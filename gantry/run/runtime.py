@@ -52,6 +52,9 @@ class RunInfo(BaseModel):
     # cosmos-rl keys of the config accepted without effect (dotted key -> value), see
     # gantry.config.cosmos_keys: what was asked and not acted on, kept with the run.
     ignored_config_keys: dict[str, Any] = Field(default_factory=dict)
+    # The user's TOML as written, copied into the run directory: a cosmos-rl script's Config
+    # holds its keys that Gantry's schema does not keep ("" when the run had no --config).
+    config_source: str = ""
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunInfo:

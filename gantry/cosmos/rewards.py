@@ -1,0 +1,48 @@
+"""cosmos-rl's built-in reward functions that scripts import (`cosmos_rl.dispatcher.algo.reward`).
+
+The Cosmos-Reason1 GRPO script sums `single_choice_reward_fn` and `format_reward_fn`. Both are
+written here from their documented behaviour in cosmos-rl (the same in the release the guides
+pin and in the current one), with cosmos-rl's signature `fn(to_be_evaluated, reference,
+**kwargs) -> float`. The others of that module (math_verify-based `boxed_math_reward_fn`,
+`overlong_reward_fn`, which reads the refused `overlong_reward` keys, ...) are not provided: an
+import of one fails naming what is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# A completion in the R1 shape: "<think>...</think>\n\n<answer>...</answer>", the think part
+# holding no nested think tag, and nothing before or after.
+_R1_FORMAT = re.compile(
+    r"^<think>([^<]*(?:<(?!/?think>)[^<]*)*)</think>\n\n<answer>([\s\S]*?)</answer>$", re.DOTALL
+)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def format_reward_fn(to_be_evaluated: str, reference: str | None = None, **kwargs: Any) -> float:
+    """1.0 when the completion is exactly `<think>..</think>\\n\\n<answer>..</answer>`, else 0.0."""
+    return 1.0 if _R1_FORMAT.search(to_be_evaluated) else 0.0
+
+
+def _answer_of(text: str) -> str:
+    """The content of the first <answer> tag, else the whole text, stripped."""
+    match = _ANSWER.search(text)
+    return (match.group(1) if match else text).strip()
+
+
+def single_choice_reward_fn(
+    to_be_evaluated: str, reference: str | None = None, **kwargs: Any
+) -> float:
+    """1.0 when the completion's answer (inside <answer> tags, if any) equals the reference's,
+    ignoring case and surrounding space; else 0.0 (also without a reference)."""
+    if not isinstance(reference, str) or not isinstance(to_be_evaluated, str):
+        return 0.0
+    return 1.0 if _answer_of(to_be_evaluated).lower() == _answer_of(reference).lower() else 0.0
+
+
+PROVIDED = {
+    "format_reward_fn": format_reward_fn,
+    "single_choice_reward_fn": single_choice_reward_fn,
+}
