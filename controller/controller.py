@@ -3,7 +3,9 @@
 It is the only writer of run state. Each pass of its loop: check heartbeats, let the plan of
 the run's algorithm (controller.grpo, controller.sft) hand out work and send a batch when the
 policy is idle, then handle what came back (results, worker events), and commit the pass's
-writes with the state they lead to (controller.journal). It never imports torch.
+writes with the state they lead to (controller.journal). It never imports torch. The
+trackers of `[logging] logger` (wandb, TensorBoard) run in a thread of it that follows the
+files the journal mirrors (controller.trackers).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from controller import journal
+from controller import journal, trackers
 from controller.grpo import GRPOPlan
 from controller.plan import GROUP, Plan, Run, RunFailed
 from controller.scheduler import PromptQueue
@@ -65,7 +67,13 @@ class Controller:
         self.plan: Plan = SFTPlan(self.context) if sft else GRPOPlan(self.context)
         self.policy_replicas = [str(i) for i in range(config.policy.parallelism.n_init_replicas)]
         self.metrics_path = self.context.run_dir / "metrics.jsonl"
+        self.samples_path = self.context.run_dir / "samples.jsonl"
         self.context.out.mirror("metrics", self.metrics_path)
+        self.context.out.mirror("samples", self.samples_path)
+        try:  # wandb / TensorBoard: a thread that follows the two files (controller.trackers)
+            self.trackers = trackers.open_trackers(config, self.context.run_dir)
+        except trackers.TrackerError as exc:
+            raise RunFailed(str(exc)) from None
         self._last_heartbeat_check = 0.0
 
     @property
@@ -75,6 +83,16 @@ class Controller:
     # ---- lifecycle ------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.trackers is not None:
+            log.info(trackers.describe(self.context.config, self.context.run_dir))
+            self.trackers.start()
+        try:
+            return self._run()
+        finally:  # also when the run fails: the trackers get what was committed
+            if self.trackers is not None:
+                self.trackers.close()
+
+    def _run(self) -> int:
         run = self.context
         for stream in (run.keys.rollouts, run.keys.events):
             run.plane.ensure_group(stream, GROUP)
@@ -107,6 +125,7 @@ class Controller:
     def _start_fresh(self) -> None:
         log.info("run %s: %s", self.context.info.run_id, self.plan.describe())
         self.state.metrics_base = journal.lines_in(self.metrics_path)
+        self.state.samples_base = journal.lines_in(self.samples_path)
         if self.context.info.resume_from:
             self._resume(Path(self.context.info.resume_from))
             for value in self.state.rewards:
@@ -145,6 +164,8 @@ class Controller:
 
     def _commit(self) -> None:
         self.context.out.commit(self._snapshot())
+        if self.trackers is not None:
+            self.trackers.wake()  # the mirrored files may have new committed lines
 
     def _snapshot(self) -> dict:
         """What a restarted controller needs besides the journal's lists and sets and the
@@ -162,6 +183,9 @@ class Controller:
             setattr(state, name, journal.load_list(run.plane, run.keys, name))
         journal.catch_up_mirror(
             run.plane, run.keys, "metrics", self.metrics_path, state.metrics_base
+        )
+        journal.catch_up_mirror(
+            run.plane, run.keys, "samples", self.samples_path, state.samples_base
         )
         run.queue.restore(state.queue)
         pending = journal.pending_deliveries(
@@ -279,3 +303,9 @@ class Controller:
     def _write_result(self) -> None:
         result = self.plan.result()
         (self.context.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        from gantry.watch.plot import PlotError, plot_run  # matplotlib: only at the run's end
+
+        try:
+            log.info("plots of the run: %s", plot_run(self.context.run_dir))
+        except PlotError as exc:  # a run with no step to plot still has its result
+            log.warning("no plot: %s", exc)

@@ -13,7 +13,7 @@ import logging
 import statistics
 import time
 
-from controller import journal
+from controller import grpo_metrics, journal
 from controller.fleet import RolloutFleet
 from controller.plan import GROUP, Run, RunFailed
 from controller.scheduler import RolloutBuffer, task_of
@@ -51,6 +51,7 @@ class GRPOPlan:
         self.n_rollout_replicas = config.rollout.parallelism.n_init_replicas
         max_staleness = config.train.train_policy.allowed_outdated_steps
         self.buffer = RolloutBuffer(run.groups_per_step, max_staleness)
+        self.clock = grpo_metrics.StepClock()
 
     def describe(self) -> str:
         return (
@@ -97,12 +98,15 @@ class GRPOPlan:
             )
 
     def _catch_up_joiners(self) -> None:
-        """Send the current weights to replicas that hold older ones, while the policy is
-        between steps (its weights are then exactly `version`)."""
+        """Send the current weights to replicas that hold older ones than the last scheduled
+        sync (joiners, restarted replicas), while the policy is between steps (its weights
+        are then exactly `version`). Replicas that have the last scheduled sync's weights wait
+        for the next one: train.sync_weight_interval holds for them."""
         state = self.run.state
         if state.in_flight is not None or state.finished or state.version >= self.run.total_steps:
             return
-        behind = self.fleet.behind(state.version)
+        interval = self.run.config.train.sync_weight_interval
+        behind = self.fleet.behind(state.version - state.version % interval)
         if behind:
             log.info("rollout replica(s) %s catch up to v%d", ", ".join(behind), state.version)
             self._order_sync(state.version, behind)
@@ -148,15 +152,22 @@ class GRPOPlan:
         state.steps_sent += 1
         groups = [g for g, _ in batch]
         run.out.ack(run.keys.rollouts, GROUP, [e for _, e in batch])
-        run.out.send(run.keys.policy_commands, TrainBatch(step=state.steps_sent, groups=groups))
-        rewards = [s.reward for g in groups for s in g.samples]
+        step = state.steps_sent
+        # The texts go along: leaving them out costs more than the bytes they take.
+        run.out.send(run.keys.policy_commands, TrainBatch(step=step, groups=groups))
+        staleness = [state.version - g.policy_version for g in groups]
+        metrics = grpo_metrics.rollout_metrics(groups, staleness, self.buffer.max_staleness)
         state.in_flight = RolloutBatch(
             sent=time.monotonic(),
-            reward_mean=statistics.fmean(rewards),
-            samples=len(rewards),
-            staleness=[state.version - g.policy_version for g in groups],
+            reward_mean=metrics["reward_mean"],
+            samples=sum(len(g.samples) for g in groups),
+            staleness=staleness,
             prompt_ids=[g.prompt_id for g in groups],
+            metrics=metrics,
         )
+        if run.logs_step(step):  # sent with the batch: a restart cannot log them twice
+            rows = grpo_metrics.sample_rows(groups[: grpo_metrics.SAMPLES_PER_LOG])
+            run.out.append("samples", {"step": step, "samples": rows})
 
     def _retry(self, items: list[tuple[RolloutGroup, str]]) -> None:
         if not items:
@@ -187,6 +198,7 @@ class GRPOPlan:
         return True
 
     def _on_rollout(self, message: RolloutGroup, delivery: Delivery) -> None:
+        self.clock.received(message)
         self.fleet.returned(message.replica, message.prompt_id, message.policy_version)
         outcome = self.buffer.add(message, delivery.entry_id, self.run.state.version)
         if outcome == "accepted":  # acknowledged when its batch is sent
@@ -271,16 +283,19 @@ class GRPOPlan:
         if not isinstance(metrics, GRPOStepMetrics):
             raise RunFailed(f"a GRPO run got step metrics of another kind: {metrics!r}")
         now = time.monotonic()
-        elapsed = now - (state.last_step_done or batch.sent)
+        elapsed = max(now - (state.last_step_done or batch.sent), 1e-9)
         state.last_step_done = now
+        rollouts = batch.metrics
         record = {
             "step": done.step,
-            "reward_mean": batch.reward_mean,
-            "samples_per_s": batch.samples / max(elapsed, 1e-9),
-            "staleness_mean": statistics.fmean(batch.staleness),
-            "staleness_max": max(batch.staleness),
+            **rollouts,
+            "samples_per_s": batch.samples / elapsed,
+            "completion_tokens_per_s": rollouts.get("completion_len_mean", 0.0)
+            * batch.samples
+            / elapsed,
             "dropped_stale": self.buffer.stats.dropped_stale,
-            "elapsed_s": time.monotonic() - state.started_at,
+            **self.clock.lap(),
+            "elapsed_s": now - state.started_at,
             **metrics.model_dump(),
             "prompt_ids": batch.prompt_ids,  # what this step trained on: an audit trail
         }
@@ -288,13 +303,14 @@ class GRPOPlan:
         run.out.append("metrics", record)
         if run.logs_step(done.step):
             log.info(
-                "step %d/%d | reward %.3f | loss %.4f | kl %.4f | %.1f samples/s | "
-                "staleness %.2f (max %d) | dropped %d",
-                done.step, run.total_steps, batch.reward_mean, metrics.loss,
+                "step %d/%d | reward %.3f ± %.3f | len %.1f | loss %.4f | kl %.4f | "
+                "%.1f samples/s | staleness %.2f (max %d) | dropped %d",
+                done.step, run.total_steps, batch.reward_mean, rollouts.get("reward_std", 0.0),
+                rollouts.get("completion_len_mean", 0.0), metrics.loss,
                 metrics.kl_ref if run.config.train.train_policy.kl_beta > 0
                 else metrics.kl_behaviour,
-                record["samples_per_s"], record["staleness_mean"], record["staleness_max"],
-                record["dropped_stale"],
+                record["samples_per_s"], rollouts.get("staleness_mean", 0.0),
+                rollouts.get("staleness_max", 0), record["dropped_stale"],
             )  # fmt: skip
 
     # ---- state ----------------------------------------------------------------------------

@@ -11,7 +11,8 @@ batch never sent twice, a result never lost.
 
 What grows with the run (per-step records, the prompts already trained) is appended to Redis
 lists and sets in the same transaction instead of being rewritten in every snapshot; files that
-mirror a list (`metrics.jsonl`) are brought up to date after each commit and after a restart.
+mirror a list (`metrics.jsonl`, `samples.jsonl`) are brought up to date after each commit and
+after a restart. They hold committed records only: the trackers (controller.trackers) follow them.
 """
 
 from __future__ import annotations

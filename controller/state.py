@@ -32,6 +32,8 @@ class RolloutBatch:
     samples: int  # completions in the batch
     staleness: list[int]  # per group: policy version at sending - version that generated it
     prompt_ids: list[str]  # what the step trains on: an audit trail in metrics.jsonl
+    # The rollout-side metrics of the step (controller.grpo_metrics.rollout_metrics).
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class ControllerState:
     started: bool = False  # every worker registered, training began
     controller_restarts: int = 0
     metrics_base: int = 0  # records of an earlier attempt in metrics.jsonl
+    samples_base: int = 0  # records of an earlier attempt in samples.jsonl
     buffered: list[str] = field(default_factory=list)  # RolloutBuffer.entry_ids()
     fleet: dict = field(default_factory=dict)  # RolloutFleet.state()
     tokens_per_s: list[float] = field(default_factory=list)  # SFT, per step
@@ -118,6 +121,7 @@ def state_to_json(state: ControllerState, *, journaled: bool = True) -> dict[str
         "started": state.started,
         "controller_restarts": state.controller_restarts,
         "metrics_base": state.metrics_base,
+        "samples_base": state.samples_base,
         "buffered": state.buffered,
         "fleet": state.fleet,
     }

@@ -3,10 +3,12 @@
 import os
 import sys
 
+from gantry.launch.lifeline import watch_launcher
 from gantry.run.runtime import load_run, parse_worker_args, run_worker, setup_logging
 
 
 def main() -> None:
+    watch_launcher()  # dies with the launcher, even a SIGKILLed one
     args = parse_worker_args("policy", "Gantry policy (trainer) process")
     setup_logging("policy")
     config, info = load_run(args.run_dir)

@@ -62,7 +62,34 @@ def grpo_loss(
         # How far the weights moved from those that sampled the batch (k3 estimator).
         back = behaviour_logprobs - logprobs
         stats["kl_behaviour"] = float(((torch.exp(back) - back - 1.0) * mask).sum() / tokens)
-        stats["ratio_mean"] = float((ratio * mask).sum() / tokens)
-        was_clipped = (clipped < unclipped).to(mask.dtype)  # the clipped branch is the min
-        stats["clip_fraction"] = float((was_clipped * mask).sum() / tokens)
+        # The rollout engine's log-probs against the policy's on the same tokens.
+        stats["logprob_gap"] = float((back.abs() * mask).sum() / tokens)
+        stats.update(ratio_statistics(ratio, adv, mask, epsilon_low, epsilon_high))
     return loss, stats
+
+
+def ratio_statistics(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> dict[str, float]:
+    """The importance ratio's mean and max over the masked tokens, and the fractions of tokens
+    whose clipped term is the one the loss takes (no gradient flows through them): below
+    1 - epsilon_low with a negative advantage (low), above 1 + epsilon_high with a positive one
+    (high), and both together (clip_fraction), as TRL counts them.
+
+    ratio, mask: [B, T]; advantages: [B, 1] or [B, T]."""
+    mask = mask.to(ratio.dtype)
+    tokens = mask.sum().clamp(min=1.0)
+    low = ((ratio < 1.0 - epsilon_low) & (advantages < 0)).to(ratio.dtype) * mask
+    high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).to(ratio.dtype) * mask
+    return {
+        "ratio_mean": float((ratio * mask).sum() / tokens),
+        # Ratios are positive: masked positions as 0 never win the max.
+        "ratio_max": float((ratio * mask).max()) if mask.numel() else 0.0,
+        "clip_fraction": float((low + high).sum() / tokens),
+        "clip_low_fraction": float(low.sum() / tokens),
+        "clip_high_fraction": float(high.sum() / tokens),
+    }

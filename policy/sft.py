@@ -26,6 +26,7 @@ from gantry.config import GantryConfig
 from policy.parallel import DistEnv, set_gradient_sync
 from policy.sft_data import IGNORE, MicroBatch
 from policy.sft_prefetch import EncoderSpec, ShareEncoder, StepEncoder
+from policy.step_metrics import padding_counts
 from policy.trainer import Trainer, share_of
 
 
@@ -72,6 +73,7 @@ class SFTTrainer(Trainer):
                     sum(b.assistant_tokens for b in micro),
                     sum(b.tokens for b in micro),
                     truncated,
+                    *padding_counts([b.attention_mask for b in micro]),
                 ],
                 dtype=torch.float64,
             )
@@ -97,6 +99,7 @@ class SFTTrainer(Trainer):
             "tokens_per_s": all_tokens / max(seconds, 1e-9),
             "policy_seconds": seconds,
             "truncated_samples": float(counts[2]),
+            "padding_fraction": float(counts[3]) / max(float(counts[4]), 1.0),
         }
 
     def _loss_sum(self, batch: MicroBatch) -> torch.Tensor:

@@ -36,6 +36,7 @@ from policy.parallel import (
     load_sharded_model,
     set_gradient_sync,
 )
+from policy.step_metrics import PhaseClock, token_entropy
 from policy.vision import (
     PromptVision,
     VisionInputs,
@@ -144,16 +145,39 @@ def token_logprobs(
     """log p(token t | tokens < t) under `model` at the sampler's temperature, at the
     completion tokens: [B, L-1], 0 outside the completions. `banned` tokens (never sampled:
     a VLM's media placeholders) are masked out, as the sampler did."""
+    return completion_logprobs(model, batch, temperature, banned)[0]
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    temperature: float,
+    banned: Sequence[int] = (),
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs`, and with `entropy` the entropy of the distribution sampled from (the
+    same temperature and banned tokens) at each completion position: [B, L-1], 0 outside the
+    completions, without gradient."""
     positions = batch.completion_positions
     logits = model(**batch.model_inputs()).logits.float() / temperature  # [B, K, V]
     if banned:
         logits[..., list(banned)] = float("-inf")
     targets = batch.input_ids[:, 1:][:, positions].unsqueeze(-1)
-    kept = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    every = torch.log_softmax(logits, dim=-1)
+    kept = every.gather(-1, targets).squeeze(-1)
     logprobs = kept.new_zeros(batch.completion_mask.shape)
     logprobs[:, positions] = kept
     # Another row's completion position may be this row's prompt (a banned placeholder: -inf).
-    return logprobs.masked_fill(batch.completion_mask == 0, 0.0)
+    outside = batch.completion_mask == 0
+    if not entropy:
+        return logprobs.masked_fill(outside, 0.0), None
+    # Only where this row predicts a completion token: the other rows' positions are wasted.
+    mine = batch.completion_mask[:, positions] > 0
+    kept_entropy = torch.zeros(mine.shape, device=logits.device)
+    kept_entropy[mine] = token_entropy(every.detach()[mine])
+    entropies = torch.zeros(batch.completion_mask.shape, device=logits.device)
+    entropies[:, positions] = kept_entropy
+    return logprobs.masked_fill(outside, 0.0), entropies
 
 
 def sharding_options(config: GantryConfig) -> ShardingOptions:
@@ -168,8 +192,15 @@ def sharding_options(config: GantryConfig) -> ShardingOptions:
     )
 
 
-# Token-weighted sums accumulated over micro-batches and ranks, in this order.
-_SUMS = ("loss", "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction")
+# Token means of the step: token-weighted sums accumulated over micro-batches and ranks, in
+# this order after the loss's sum. Names as in gantry.comm.metrics.
+_MEANS = (
+    "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction", "clip_low_fraction",
+    "clip_high_fraction", "entropy", "logprob_gap_mean",
+)  # fmt: skip
+_SUMS = ("loss", *_MEANS)
+# Measured on the policy before the step's first update (see GRPOTrainer.step).
+_FIRST_ITERATION = _SUMS.index("logprob_gap_mean")
 
 
 class Trainer:
@@ -208,12 +239,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(full_tensor(grad_norm))
 
-    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.env.world_size == 1:
             return values
         # gloo reduces CPU tensors; NCCL needs them on the GPU.
         moved = values.to(self.env.device)
-        dist.all_reduce(moved)
+        dist.all_reduce(moved, op=op)
         return moved.cpu()
 
     def weight_manifest_params(self) -> dict[str, torch.nn.Parameter]:
@@ -256,7 +287,9 @@ class GRPOTrainer(Trainer):
             self.reference.eval().requires_grad_(False)
 
     def step(self, groups: list[RolloutGroup]) -> dict[str, float]:
-        """One policy step on a batch of groups (a collective); returns global metrics."""
+        """One policy step on a batch of groups (a collective); returns global metrics. With
+        mu_iterations > 1 the statistics are the last iteration's, but the log-prob gap's (the
+        policy before the step's first update)."""
         started = time.perf_counter()
         mine = share_of(rows_of(groups), self.env.rank, self.env.world_size)
         if self.vision:
@@ -267,16 +300,25 @@ class GRPOTrainer(Trainer):
             torch.tensor([sum(float(b.completion_mask.sum()) for b in micro)])
         )
         global_tokens = max(float(tokens[0]), 1.0)
-        references = [self._reference_logprobs(b) for b in micro]
+        clock = PhaseClock(self.env.device)
+        with clock.phase("forward"):
+            references = [self._reference_logprobs(b) for b in micro]
+        first = None
         for _ in range(self.config.train.train_policy.mu_iterations):
             lr = self.scheduler.get_last_lr()[0]
-            sums = self._accumulate(micro, references, global_tokens)
-            grad_norm = self._optimizer_step()
+            sums, ratio_max = self._accumulate(micro, references, global_tokens, clock)
+            first = sums if first is None else first
+            with clock.phase("optimizer"):
+                grad_norm = self._optimizer_step()
+        sums[_FIRST_ITERATION] = first[_FIRST_ITERATION]
         sums = self._all_reduce(sums) / global_tokens
         metrics = dict(zip(_SUMS, sums.tolist(), strict=True))
+        ratio_max = self._all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX)
         metrics.update(
-            grad_norm=grad_norm, lr=lr, tokens=global_tokens,
+            ratio_max=float(ratio_max[0]), grad_norm=grad_norm, lr=lr, tokens=global_tokens,
             policy_seconds=time.perf_counter() - started,
+            policy_forward_s=clock.seconds["forward"], policy_backward_s=clock.seconds["backward"],
+            policy_optimizer_s=clock.seconds["optimizer"],
         )  # fmt: skip
         return metrics
 
@@ -313,30 +355,40 @@ class GRPOTrainer(Trainer):
         return batch
 
     def _accumulate(
-        self, micro: list[PackedBatch], references: list, global_tokens: float
-    ) -> torch.Tensor:
-        """Forward/backward over the micro-batches; token-weighted statistics summed."""
+        self, micro: list[PackedBatch], references: list, global_tokens: float, clock: PhaseClock
+    ) -> tuple[torch.Tensor, float]:
+        """Forward/backward over the micro-batches: token-weighted statistics summed (_SUMS),
+        and the largest importance ratio."""
         policy_cfg = self.config.train.train_policy
         temperature = self.config.rollout.sampling_config.temperature
         normalizer = global_tokens / self.env.world_size
-        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        sums, ratio_max = torch.zeros(len(_SUMS), dtype=torch.float64), 0.0
         for i, (batch, ref) in enumerate(zip(micro, references, strict=True)):
             # Reduce gradients across ranks once, after the last micro-batch.
             set_gradient_sync(self.model, i == len(micro) - 1)
-            logprobs = token_logprobs(self.model, batch, temperature, self.banned)
-            loss, stats = grpo_loss(
-                logprobs, batch.behaviour_logprobs, batch.advantages, batch.completion_mask,
-                epsilon_low=policy_cfg.epsilon_low, epsilon_high=policy_cfg.epsilon_high,
-                kl_beta=policy_cfg.kl_beta, ref_logprobs=ref, normalizer=normalizer,
-            )  # fmt: skip
-            loss.backward()
-            tokens = float(batch.completion_mask.sum())
-            sums += torch.tensor([
-                float(loss.detach()) * normalizer, stats.get("kl", 0.0) * tokens,
-                stats["kl_behaviour"] * tokens, stats["ratio_mean"] * tokens,
-                stats["clip_fraction"] * tokens,
-            ], dtype=torch.float64)  # fmt: skip
-        return sums
+            mask = batch.completion_mask
+            with clock.phase("forward"):
+                logprobs, entropy = completion_logprobs(
+                    self.model, batch, temperature, self.banned, entropy=True
+                )
+                loss, stats = grpo_loss(
+                    logprobs, batch.behaviour_logprobs, batch.advantages, mask,
+                    epsilon_low=policy_cfg.epsilon_low, epsilon_high=policy_cfg.epsilon_high,
+                    kl_beta=policy_cfg.kl_beta, ref_logprobs=ref, normalizer=normalizer,
+                )  # fmt: skip
+            with clock.phase("backward"):
+                loss.backward()
+            tokens = float(mask.sum())
+            means = {
+                **stats, "kl_ref": stats.get("kl", 0.0), "logprob_gap_mean": stats["logprob_gap"],
+                "entropy": float((entropy * mask).sum()) / max(tokens, 1.0),
+            }  # fmt: skip
+            sums += torch.tensor(
+                [float(loss.detach()) * normalizer] + [means[k] * tokens for k in _MEANS],
+                dtype=torch.float64,
+            )
+            ratio_max = max(ratio_max, stats["ratio_max"])
+        return sums, ratio_max
 
     def _reference_logprobs(self, batch: PackedBatch) -> torch.Tensor | None:
         if self.reference is None:

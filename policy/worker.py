@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gantry.comm import sync_groups
 from gantry.comm.protocol import (
     Checkpoint,
     CheckpointSaved,
@@ -37,6 +38,7 @@ from gantry.comm.protocol import (
     ValidationDone,
     ValidationMetrics,
 )
+from gantry.comm.sync_status import SyncCheckIns
 from gantry.comm.transport import ControlPlane
 from gantry.comm.weights import SyncCancelled
 from gantry.config import GantryConfig
@@ -50,6 +52,7 @@ from policy.checkpoint import PolicyCheckpointer
 from policy.export import export_hf
 from policy.parallel import ParallelDims, build_mesh, init_distributed
 from policy.sft import SFTTrainer
+from policy.step_metrics import idle_fraction, sync_metrics
 from policy.trainer import GRPOTrainer
 from policy.upload import Uploader
 from policy.weight_sync import PolicySender
@@ -80,6 +83,8 @@ class PolicyWorker:
         total_steps = planned_steps(config, info.dataset_size)
         self.weights: PolicySender | None = None
         self.sync_error: Exception | None = None
+        self.syncs_said = 0
+        self.last_sync = None  # the SendStats of the latest sync this rank sent (metrics)
         if config.train.train_policy.type == "sft":
             self.trainer = self._sft_trainer(mesh, total_steps)
         else:
@@ -152,6 +157,8 @@ class PolicyWorker:
     def run(self) -> None:
         if self.weights is not None and self.is_main:
             self.plane.redis.set(self.keys.manifest, self.weights.manifest.to_json())
+        if self.weights is not None:  # sync check-ins for `python -m gantry status`
+            sync_groups.add_check_in_listener(SyncCheckIns(self.plane.redis, self.keys))
         heartbeat = None
         if self.env.local_rank == 0:
             heartbeat = Heartbeat(
@@ -168,6 +175,9 @@ class PolicyWorker:
             f" ({self.weights.manifest.senders} send weights, in "
             f"{self.weights.manifest.entries[0].dtype})" if self.weights is not None else "",
         )  # fmt: skip
+        # The first step's idle fraction counts from here, not from the model's loading.
+        self.activity.set("idle", "waiting for a command")
+        self.activity.take_totals()
         try:
             self._serve()
         finally:
@@ -182,6 +192,7 @@ class PolicyWorker:
             for command in self.plane.read_next(self.keys.policy_commands, block_ms=1000):
                 if isinstance(command, Stop):
                     log.info("stopping: %s", command.reason)
+                    self.activity.set("stopping", command.reason)
                     self._check_sync(wait=True)
                     self._finish_checkpoints()
                     return
@@ -192,29 +203,46 @@ class PolicyWorker:
                 self._report_checkpoints()
 
     def _handle(self, command) -> None:
-        # The trainers' metric dicts become typed messages here: a missing or an extra
-        # name fails the step rather than reaching metrics.jsonl.
+        # Each command's work is an activity state (heartbeat, idle fraction); the wait for
+        # the next command is "idle".
+        doing = self.activity.doing
         if isinstance(command, TrainBatch | SFTBatch):
-            if isinstance(command, TrainBatch):
-                metrics = GRPOStepMetrics(**self.trainer.step(command.groups))
-            else:
-                step = self.trainer.step(command.indices, command.next_indices)
-                metrics = SFTStepMetrics(**step)
+            with doing("training", f"step {command.step}"):
+                metrics = self._train(command)
             if self.is_main:
                 self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
         elif isinstance(command, Validate):
-            validation = ValidationMetrics(**self.trainer.validate())
+            with doing("validating", f"after step {command.step}"):
+                validation = ValidationMetrics(**self.trainer.validate())
             if self.is_main:
                 event = ValidationDone(step=command.step, metrics=validation)
                 self.plane.send(self.keys.events, event)
         elif isinstance(command, SyncWeights):
-            self._send_weights(command)
+            # In the background, only the copy of the shards: the send overlaps training.
+            with doing("syncing", f"weights v{command.version}"):
+                self._send_weights(command)
         elif isinstance(command, Checkpoint):
-            self._save_checkpoint(command)
+            with doing("checkpointing", f"step {command.step}"):
+                self._save_checkpoint(command)
         elif isinstance(command, Export):
-            self._export(command)
+            with doing("exporting", f"step {command.step}"):
+                self._export(command)
         else:
             raise TypeError(f"policy got an unexpected command: {command!r}")
+
+    def _train(self, command: TrainBatch | SFTBatch) -> GRPOStepMetrics | SFTStepMetrics:
+        """The step, and the metrics the worker adds to the trainer's. The trainers' metric
+        dicts become typed messages here: a missing or an extra name fails the step rather
+        than reaching metrics.jsonl."""
+        if isinstance(command, TrainBatch):
+            metrics = self.trainer.step(command.groups)
+            metrics.update(sync_metrics(self.last_sync))
+        else:
+            metrics = self.trainer.step(command.indices, command.next_indices)
+        # Since the previous step's end (this step included), in "training": now.
+        metrics["policy_idle_fraction"] = idle_fraction(self.activity.take_totals())
+        kind = GRPOStepMetrics if isinstance(command, TrainBatch) else SFTStepMetrics
+        return kind(**metrics)
 
     # ---- weights, checkpoints, exports -------------------------------------------------
 
@@ -258,13 +286,22 @@ class PolicyWorker:
             )
         elif error is not None:
             self.sync_error = error  # raised by the training thread at its next command
-        elif stats is not None and self.is_main:
-            log.info(
-                "sent weights v%d to %d rollout ranks: %.1f MB in %.3fs (%.2f GB/s from this "
-                "rank), after %.3fs waiting for them",
-                command.version, command.plan.receiver_ranks, stats.bytes / 1e6, stats.send_s,
-                stats.bytes / 1e9 / max(stats.send_s, 1e-9), stats.wait_s,
-            )  # fmt: skip
+        elif stats is not None:
+            self.last_sync = stats  # the next step's metrics report it
+            if self.is_main:
+                shown = sync_metrics(stats)
+                # The first sync is said; the others are in the step metrics (weight_sync_*)
+                # rather than one console line per step.
+                level = logging.DEBUG if self.syncs_said else logging.INFO
+                self.syncs_said += 1
+                log.log(
+                    level,
+                    "sent weights v%d to %d rollout ranks: %.1f MB in %.3fs (%.2f GB/s from "
+                    "this rank, %.0f%% of a plain broadcast), after %.3fs waiting for them",
+                    command.version, command.plan.receiver_ranks, stats.bytes / 1e6,
+                    stats.send_s, shown["weight_sync_gbps"],
+                    100 * shown["weight_sync_efficiency"], stats.wait_s,
+                )  # fmt: skip
 
     def _called_off_soon(self, command: SyncWeights) -> bool:
         key = self.keys.sync_called_off(command.plan.group, command.version)

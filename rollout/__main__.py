@@ -2,10 +2,12 @@
 
 import os
 
+from gantry.launch.lifeline import watch_launcher
 from gantry.run.runtime import load_run, parse_worker_args, run_worker, setup_logging
 
 
 def main() -> None:
+    watch_launcher()  # dies with the launcher, even a SIGKILLed one
     args = parse_worker_args("rollout", "Gantry rollout (generator) process")
     if args.cpus:
         # Before torch loads: its thread pool (and vLLM's CPU binding) size to these cores.

@@ -36,8 +36,15 @@ class PromptBuilder:
     ) -> list[EnginePrompt]:
         """The prompts of `samples[i]` for i in `indices`: the messages before the last
         assistant turn, with the generation prompt."""
+        return self.build_with_texts(samples, indices, script_path)[0]
+
+    def build_with_texts(
+        self, samples: Sequence, indices: list[int], script_path: Path | str = ""
+    ) -> tuple[list[EnginePrompt], list[str]]:
+        """`build`'s prompts, and each one's chat-templated text (what the logged sample
+        completions show as the prompt)."""
         prompts: list[EnginePrompt | None] = []
-        texts, text_slots = [], []
+        all_texts, texts, text_slots = [], [], []
         for i in indices:
             messages = prompt_messages(samples[i], script_path, i)
             if self.vision and has_media(messages):
@@ -45,14 +52,16 @@ class PromptBuilder:
                 text = self._template(media.placeholder_messages)
                 prompts.append(MultimodalPrompt(text=text, media=media))
             else:
+                text = self._template(messages)
                 text_slots.append(len(prompts))
-                texts.append(self._template(messages))
+                texts.append(text)
                 prompts.append(None)
+            all_texts.append(text)
         if texts:
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             for slot, token_ids in zip(text_slots, ids, strict=True):
                 prompts[slot] = list(token_ids)
-        return prompts
+        return prompts, all_texts
 
     def _template(self, messages: list[dict]) -> str:
         return self.templater.apply_chat_template(

@@ -33,7 +33,7 @@ from gantry.data.plugin import load_dataset_script
 from gantry.launch.placement import rollout_dtype
 from gantry.run.activity import Activity
 from gantry.run.runtime import Heartbeat, RunInfo, host_name
-from rollout.engine import RolloutEngine, SamplingSettings
+from rollout.engine import Completion, RolloutEngine, SamplingSettings
 from rollout.prompts import PromptBuilder
 
 log = logging.getLogger("gantry.rollout")
@@ -78,6 +78,7 @@ class RolloutWorker:
             config_source=info.config_source or None,
         )
         self.samples = self.script.load_samples(config.custom)
+        self.reward_names = self.script.reward_names
         self.prompts_of = PromptBuilder(info.model_path)
         self.tokenizer = self.prompts_of.tokenizer
         started = time.perf_counter()
@@ -103,6 +104,7 @@ class RolloutWorker:
             role="rollout", replica=self.replica, pid=os.getpid(), host=host_name(), ranks=ranks
         )
         self.plane.send(self.keys.events, register)
+        self.activity.set("idle", "waiting for prompts")
         # Prompts this replica held when it last died come first.
         backlog = self.plane.read_own_pending(
             self.prompts, GROUP, self.consumer, self.config.rollout.batch_size
@@ -127,10 +129,12 @@ class RolloutWorker:
         for command in self.plane.read_next(self.keys.commands("rollout", self.replica), None):
             if isinstance(command, Stop):
                 log.info("stopping: %s", command.reason)
+                self.activity.set("stopping", command.reason)
                 self.stopping = True
                 return False
             if isinstance(command, SyncWeights):
-                self._receive_weights(command)
+                with self.activity.doing("syncing", f"weights v{command.version}"):
+                    self._receive_weights(command)
             else:
                 raise TypeError(f"rollout got an unexpected command: {command!r}")
         return True
@@ -163,28 +167,39 @@ class RolloutWorker:
 
     def _roll_out(self, deliveries: list[Delivery]) -> None:
         tasks: list[PromptTask] = [d.message for d in deliveries]
-        prompts = self.prompts_of.build(
-            self.samples, [task.index for task in tasks], self.script.path
-        )
-        completions = self.engine.generate(prompts, self._sampling(tasks))
-        # One decode call for the whole batch: the worker's time between generate calls is
-        # generation lost.
-        texts = iter(
-            self.tokenizer.batch_decode(
-                [c.token_ids for outs in completions for c in outs], skip_special_tokens=True
+        started = time.perf_counter()
+        with self.activity.doing("generating", f"{len(tasks)} prompts"):
+            prompts, prompt_texts = self.prompts_of.build_with_texts(
+                self.samples, [task.index for task in tasks], self.script.path
             )
-        )
+            completions = self.engine.generate(prompts, self._sampling(tasks))
+        generated = time.perf_counter()
+        with self.activity.doing("scoring", f"{len(tasks)} prompts"):
+            scores = self._score(tasks, completions)
+        # The replica's time since its previous batch, shared equally by this batch's groups
+        # like the generation and scoring seconds: the controller sums them over a step.
+        totals = self.activity.take_totals()
+        share = 1.0 / len(tasks)
+        timing = {
+            "generation_seconds": (generated - started) * share,
+            "scoring_seconds": (time.perf_counter() - generated) * share,
+            "idle_seconds": totals.get("idle", 0.0) * share,
+            "busy_seconds": (sum(totals.values()) - totals.get("idle", 0.0)) * share,
+        }
         groups = []
-        for task, prompt_ids, outs in zip(tasks, prompts, completions, strict=True):
-            sample = self.samples[task.index]
-            scored = [
+        for task, prompt, text, outs, scored in zip(
+            tasks, prompts, prompt_texts, completions, scores, strict=True
+        ):
+            samples = [
                 Sample(
                     token_ids=c.token_ids,
                     logprobs=c.logprobs,
-                    reward=self.script.score(next(texts), sample, task.index),
+                    reward=sum(parts, 0.0),
                     finish_reason=c.finish_reason,
+                    reward_parts=parts,
+                    text=completion_text,
                 )
-                for c in outs
+                for c, (completion_text, parts) in zip(outs, scored, strict=True)
             ]
             groups.append(
                 RolloutGroup(
@@ -192,12 +207,36 @@ class RolloutWorker:
                     replica=self.replica,
                     policy_version=self.version,
                     # A multimodal prompt's ids, placeholders expanded, come from the engine.
-                    prompt_token_ids=outs[0].prompt_token_ids or prompt_ids,
-                    samples=scored,
+                    prompt_token_ids=outs[0].prompt_token_ids or prompt,
+                    samples=samples,
+                    reward_names=self.reward_names,
+                    prompt_text=text,
+                    **timing,
                 )
             )
         ids = [d.entry_id for d in deliveries]
         self.plane.ack_and_send(self.prompts, GROUP, ids, self.keys.rollouts, groups)
+
+    def _score(
+        self, tasks: list[PromptTask], completions: list[list[Completion]]
+    ) -> list[list[tuple[str, list[float]]]]:
+        """Per prompt, per completion: its text and each reward function's value."""
+        # One decode call for the whole batch: the worker's time between generate calls is
+        # generation lost.
+        texts = iter(
+            self.tokenizer.batch_decode(
+                [c.token_ids for outs in completions for c in outs], skip_special_tokens=True
+            )
+        )
+        scores = []
+        for task, outs in zip(tasks, completions, strict=True):
+            sample = self.samples[task.index]
+            group = []
+            for _ in outs:
+                text = next(texts)
+                group.append((text, self.script.score_parts(text, sample, task.index)))
+            scores.append(group)
+        return scores
 
     def _sampling(self, tasks: list[PromptTask]) -> SamplingSettings:
         cfg = self.config.rollout

@@ -64,6 +64,9 @@ SBATCH_LONG_OPTIONS = {  # option -> check of its value (None: a flag that takes
     "--qos": _NAME.fullmatch,
     "--mail-type": re.compile(r"(NONE|BEGIN|END|FAIL|ALL)(,(BEGIN|END|FAIL|ALL))*").fullmatch,
     "--exclusive": None,
+    "--mem": re.compile(r"\d+[KMGT]?").fullmatch,
+    "--requeue": None,
+    "--no-requeue": None,
 }
 
 

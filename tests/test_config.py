@@ -251,7 +251,7 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
         ("train.epoch=1.5", "train.epoch: expected an integer, got 1.5"),
         ("train.optm_lr=0", "train.optm_lr: must be > 0, got 0"),
         ("rollout.backend=trtllm", "rollout.backend: expected one of 'vllm' or 'transformers'"),
-        ('logging.logger=["wandb"]', "logging.logger: 'wandb': experiment trackers are not"),
+        ('logging.logger=["wandb", "comet"]', "logging.logger: 'comet': unknown logger; valid"),
         ('logging.logger=["console", "mlflow"]', "'mlflow': unknown logger; valid: 'console'"),
         ("train.ckpt=3", "train.ckpt: expected a table, got 3"),
         ("train.optm_betas=[0.9, 1.0]", "train.optm_betas: each beta must be in [0, 1)"),

@@ -100,3 +100,32 @@ def test_the_fleet_comes_back_from_its_state_with_the_same_plans_and_prompts():
     assert restored.replicas["0"].version == 1 and restored.departed == f.departed
     restored.returned("0", "0:3", version=1)
     assert restored.replicas["0"].groups == 1
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("interval", [1, 2])
+def test_catch_up_syncs_only_replicas_behind_the_last_scheduled_sync(redis_url, tmp_path, interval):
+    """With train.sync_weight_interval = 2, a replica holding v2 while the policy is at v3
+    waits for the v4 sync; a joiner holding the model's weights gets v3 at once."""
+    from gantry.comm.protocol import SyncWeights
+    from gantry.comm.transport import ControlPlane
+    from tests.test_metrics import grpo_controller
+
+    controller = grpo_controller(
+        redis_url, tmp_path / "run", f"train.sync_weight_interval={interval}",
+        "train.train_policy.allowed_outdated_steps=2",
+    )  # fmt: skip
+    run, plan = controller.context, controller.plan
+    run.state.version = run.state.steps_sent = 3
+    plan.fleet.register("a", 1, holds_version=2, policy_version=2)
+    plan.fleet.register("joiner", 1, holds_version=0, policy_version=3)
+    plan._catch_up_joiners()
+    controller._commit()
+    plane = ControlPlane(redis_url)
+    syncs = [
+        m for m in plane.read_next(run.keys.policy_commands, None) if isinstance(m, SyncWeights)
+    ]
+    assert len(syncs) == 1 and syncs[0].version == 3
+    members = [r.replica for r in syncs[0].plan.receivers]
+    assert members == (["joiner"] if interval == 2 else ["a", "joiner"])

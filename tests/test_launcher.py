@@ -122,3 +122,13 @@ def test_only_a_dead_controller_restarts_and_only_within_its_budget():
     assert restart("controller", -9) and restart("controller", 1)
     assert not restart("controller", -9)  # budget spent: the whole run restarts
     assert not ControllerRestarts(most=0)("controller", -9)
+
+
+def test_a_model_path_that_is_not_there_exits_2_before_any_worker(tmp_path, dataset):
+    missing = tmp_path / "models" / "qwen-sft"
+    result = launch(
+        dataset, f"policy.model_name_or_path={missing}", f"train.output_dir={tmp_path}/out"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "policy.model_name_or_path" in result.stderr and "no directory there" in result.stderr
+    assert not list((tmp_path / "out").glob("2*"))  # no run directory, no process started

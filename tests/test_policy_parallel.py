@@ -92,6 +92,9 @@ def test_sharded_and_replicated_steps_match_one_process(tmp_path, tiny_model_dir
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), name
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), name
             assert b["ratio_mean"] == pytest.approx(a["ratio_mean"], rel=1e-5), name
+            # The other statistics reduce over micro-batches and ranks alike (max: ratio_max).
+            for key in ("ratio_max", "entropy", "logprob_gap_mean", "clip_fraction"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key)
         assert single_w.keys() == weights.keys()
         # Adam turns float-ordering noise in near-zero gradients into full-size updates of a
         # few elements, so compare each tensor's update as a whole.

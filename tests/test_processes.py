@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from gantry.launch import lifeline
 from gantry.launch.processes import ProcessGroupSupervisor
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,3 +82,81 @@ def test_a_child_restarted_runs_again_with_its_arguments_until_the_restart_is_re
     err = capsys.readouterr().err
     assert err.count("starting it again, the others running on") == 2
     assert "stopping the other processes" in err
+
+
+# A child that starts a grandchild in a session of its own (as torchrun starts its ranks) and
+# says the grandchild's pid.
+SPAWNER = (
+    "import subprocess, sys, time; "
+    "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+    "start_new_session=True); print(g.pid, flush=True); time.sleep(120)"
+)
+
+
+def grandchild_of(child, timeout: float = 30) -> lifeline.Ident:
+    deadline = time.monotonic() + timeout
+    while not child.tail:
+        assert time.monotonic() < deadline, "the child never said its grandchild's pid"
+        time.sleep(0.05)
+    pid = int(child.tail[0])
+    return pid, lifeline.start_time(pid)
+
+
+def test_stop_all_kills_a_stopped_grandchild_in_another_session(tmp_path):
+    """A SIGSTOPped process holds SIGTERM pending forever and a group signal misses another
+    session: it is found by parent links and SIGKILLed."""
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    child = supervisor.start("policy0", ["-c", SPAWNER])
+    grandchild = grandchild_of(child)
+    os.kill(grandchild[0], signal.SIGSTOP)
+    started = time.monotonic()
+    supervisor.stop_all()
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 5
+    while lifeline.is_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lifeline.is_alive(grandchild)
+
+
+def test_a_child_whose_heartbeat_lapsed_is_killed_with_what_it_started(tmp_path, capsys):
+    """A hung (here SIGSTOPped) rollout replica is killed, its tree too, and then counts as
+    lost like one that died; the run goes on with the others."""
+    import gantry.launch.processes as processes
+
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    processes.CHECK_INTERVAL_S = 0.2
+    try:
+        supervisor.start("controller", ["-c", "import time; time.sleep(4)"])
+        hung = supervisor.start("rollout0", ["-c", SPAWNER])
+        supervisor.start("rollout1", ["-c", "import time; time.sleep(5)"])
+        grandchild = grandchild_of(hung)
+        os.kill(hung.process.pid, signal.SIGSTOP)
+        lost: list[str] = []
+        code = supervisor.wait(
+            main="controller",
+            expendable=lambda name: name.startswith("rollout"),
+            on_lost=lambda name, how: lost.append(f"{name}: {how}"),
+            hung=lambda name: name == "rollout0" and lifeline.is_stopped(hung.process.pid),
+        )
+    finally:
+        processes.CHECK_INTERVAL_S = 2.0
+        supervisor.stop_all()
+    assert lost == ["rollout0: signal SIGKILL"]
+    assert code == 0  # the controller finished, rollout1 with it
+    assert not lifeline.is_alive(grandchild)
+    err = capsys.readouterr().err
+    assert "rollout0 (pid" in err and "stopped sending heartbeats" in err
+
+
+def test_a_failure_is_one_line_with_the_cause_and_the_log(tmp_path, capsys):
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    script = "import sys; print('noise'); raise ValueError('policy.model_max_length too big')"
+    supervisor.start("policy0", ["-c", script])
+    assert supervisor.wait(main=None) == 1
+    supervisor.stop_all()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[launcher]")]
+    assert len(lines) == 1, lines
+    assert "policy0 (pid" in lines[0] and "exit code 1" in lines[0]
+    assert "ValueError: policy.model_max_length too big" in lines[0]
+    assert str(tmp_path / "logs" / "policy0.log") in lines[0]
+    assert supervisor.failure.name == "policy0"

@@ -14,12 +14,16 @@ PLAN = p.SyncPlan(
     timeout_s=60.0,
 )
 GRPO_METRICS = p.GRPOStepMetrics(
-    loss=0.5, kl_ref=0.0, kl_behaviour=0.01, ratio_mean=1.0, clip_fraction=0.1,
-    grad_norm=2.0, lr=1e-5, tokens=96.0, policy_seconds=0.3,
+    loss=0.5, kl_ref=0.0, kl_behaviour=0.01, ratio_mean=1.0, ratio_max=1.4, clip_fraction=0.1,
+    clip_low_fraction=0.04, clip_high_fraction=0.06, entropy=2.5, logprob_gap_mean=0.02,
+    grad_norm=2.0, lr=1e-5, tokens=96.0, policy_seconds=0.3, policy_forward_s=0.1,
+    policy_backward_s=0.15, policy_optimizer_s=0.05, policy_idle_fraction=0.4,
+    weight_sync_s=0.02, weight_sync_wait_s=0.1, weight_sync_gbps=1.5, weight_sync_efficiency=0.8,
 )  # fmt: skip
 SFT_METRICS = p.SFTStepMetrics(
     loss=1.5, grad_norm=0.7, lr=2e-5, tokens=400.0, assistant_tokens=120.0,
-    tokens_per_s=900.0, policy_seconds=0.4, truncated_samples=1.0,
+    tokens_per_s=900.0, policy_seconds=0.4, truncated_samples=1.0, padding_fraction=0.25,
+    policy_idle_fraction=0.1,
 )  # fmt: skip
 VALIDATION = p.ValidationMetrics(val_loss=1.25, val_tokens=40.0, val_samples=4.0, val_seconds=0.2)
 SAMPLES = [
@@ -99,12 +103,16 @@ def test_step_metrics_keep_their_kind_and_values_through_the_codec():
         assert decoded.metrics.model_dump() == metrics.model_dump()
     # The names of metrics.jsonl, in the order the trainers reported them.
     assert list(GRPO_METRICS.model_dump()) == [
-        "loss", "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction",
-        "grad_norm", "lr", "tokens", "policy_seconds",
+        "loss", "kl_ref", "kl_behaviour", "ratio_mean", "ratio_max", "clip_fraction",
+        "clip_low_fraction", "clip_high_fraction", "entropy", "logprob_gap_mean",
+        "grad_norm", "lr", "tokens", "policy_seconds", "policy_forward_s", "policy_backward_s",
+        "policy_optimizer_s", "policy_idle_fraction", "weight_sync_s", "weight_sync_wait_s",
+        "weight_sync_gbps", "weight_sync_efficiency",
     ]  # fmt: skip
     assert list(SFT_METRICS.model_dump()) == [
         "loss", "grad_norm", "lr", "tokens", "assistant_tokens",
-        "tokens_per_s", "policy_seconds", "truncated_samples",
+        "tokens_per_s", "policy_seconds", "truncated_samples", "padding_fraction",
+        "policy_idle_fraction",
     ]  # fmt: skip
 
 

@@ -40,7 +40,7 @@ def test_dry_run_prints_the_script(tmp_path):
     out = tmp_path / "out"
     result = slurm_cli(
         "--config", GRPO, DATASET, "slurm.nodes=2", 'slurm.partition="gpu"',
-        "slurm.account=proj", 'slurm.sbatch_args=["--qos=high", "--exclusive"]',
+        "slurm.account=proj", 'slurm.sbatch_args=["--qos=high"]',
         f"train.output_dir={out}", "--dry-run",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -51,13 +51,15 @@ def test_dry_run_prints_the_script(tmp_path):
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=8",
+        "#SBATCH --exclusive",  # whole nodes by default: the launcher runs every process
+        "#SBATCH --mem=0",
+        "#SBATCH --requeue",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj",
         "#SBATCH --time=04:00:00",
         f"#SBATCH --output={out}/slurm-logs/%x-%j.out",
         f"#SBATCH --error={out}/slurm-logs/%x-%j.err",
         "#SBATCH --qos=high",
-        "#SBATCH --exclusive",
     ]
     check_sbatch_header(script)
     assert "set -x" not in script and "echo $GANTRY_REDIS_PASSWORD" not in script
@@ -76,7 +78,10 @@ def test_dry_run_prints_the_script(tmp_path):
         ("slurm.time=25:99:00", ["slurm.time", "minutes/seconds < 60"]),
         ("slurm.time=0", ["slurm.time", "no limit"]),
         ("slurm.nodes=0", ["slurm.nodes", ">= 1"]),
-        ("slurm.controller_port=80", ["slurm.controller_port", ">= 1024"]),
+        ("slurm.controller_port=80", ["slurm.controller_port", "1024 to 65535"]),
+        ("slurm.exclusive=false", ["slurm.cpus_per_task", "one CPU"]),
+        ('slurm.mem="lots"', ["slurm.mem", "512G"]),
+        ('slurm.sbatch_args=["--exclusive"]', ["slurm.sbatch_args", "slurm.exclusive"]),
         ("slurm.job_name=my job", ["slurm.job_name", "letters, digits"]),
         ('slurm.sbatch_args=["--nodes=3"]', ["slurm.sbatch_args", "slurm.nodes"]),
         ('slurm.sbatch_args=["qos=high"]', ["slurm.sbatch_args", "--qos=high"]),
@@ -91,6 +96,19 @@ def test_bad_slurm_settings_exit_2_naming_the_key(override, named):
     for text in named:
         assert text in result.stderr
     assert not result.stdout
+
+
+def test_shared_nodes_get_the_cpus_and_memory_asked(tmp_path):
+    result = slurm_cli(
+        "--config", GRPO, DATASET, "slurm.exclusive=false", "slurm.cpus_per_task=12",
+        'slurm.mem="64G"', "slurm.requeue=false", "slurm.controller_port=7000", "--dry-run",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    options = check_sbatch_header(result.stdout)
+    assert options["--cpus-per-task"] == "12" and options["--mem"] == "64G"
+    assert "--exclusive" not in options and "--no-requeue" in options
+    assert "--cpus-per-task=12" in result.stdout  # srun's step gets them too
+    assert "GANTRY_CONTROLLER_PORT=7000" in result.stdout
 
 
 def test_bad_slurm_table_in_a_toml_file(tmp_path):

@@ -121,6 +121,7 @@ def emulated_slurm_job(tmp_path: Path, hosts: list[str]) -> tuple[dict[str, str]
         "SLURM_JOB_NODELIST": ",".join(hosts),
         "SLURM_NNODES": str(len(hosts)),
         "SLURM_NODEID": "0",  # the batch script runs on the first node
+        "SLURM_CPUS_ON_NODE": "96",
     }
     return env, records
 
@@ -151,6 +152,7 @@ def test_script_runs_under_the_slurm_environment(tmp_path):
     srun_argv = nul_fields(records / "srun.argv")
     assert "--container-image=/images/gantry image.sqsh" in srun_argv
     assert "--ntasks-per-node=1" in srun_argv and "--kill-on-bad-exit=1" in srun_argv
+    assert "--cpus-per-task=96" in srun_argv  # the whole node's CPUs for its launcher
     passwords = set()
     for node in range(3):
         assert nul_fields(records / f"node{node}.argv") == [
@@ -175,6 +177,35 @@ def test_script_runs_under_the_slurm_environment(tmp_path):
     # A new job gets a new password.
     run_as_batch_job(script_path, {**env, "SLURM_JOB_ID": "4243"})
     assert nul_fields(records / "node0.env")[0] not in passwords
+
+
+def test_a_requeued_job_resumes_its_run_and_each_job_has_its_own_port(tmp_path):
+    """A requeued job (SLURM_RESTART_COUNT > 0) resumes its own run directory once it holds a
+    complete checkpoint; the Redis port comes from the job id unless slurm.controller_port."""
+    root = fake_checkout(tmp_path)
+    out = tmp_path / "outputs"
+    overrides = ["slurm.nodes=2", f"train.output_dir={out}"]
+    config = load_config(GRPO, overrides)
+    script_path = tmp_path / "job.sbatch"
+    script_path.write_text(render_sbatch(config, GRPO, DATASET, overrides, root=root))
+    env, records = emulated_slurm_job(tmp_path, ["gpu-a1", "gpu-b2"])
+    (out / "slurm-logs").mkdir(parents=True)  # what slurm.sh does before it submits
+
+    def node_args(**extra: str) -> list[str]:
+        result = run_as_batch_job(script_path, {**env, **extra})
+        assert result.returncode == 0
+        return nul_fields(records / "node1.argv")
+
+    first = node_args()
+    assert first[first.index("--controller") + 1] == f"gpu-a1:{20000 + 4242 % 40000}"
+    assert not any(arg.startswith("train.resume=") for arg in first)
+    run_dir = out / "slurm-4242"
+    (run_dir / "checkpoints" / "step_10").mkdir(parents=True)  # a save that never finished
+    assert not any(a.startswith("train.resume=") for a in node_args(SLURM_RESTART_COUNT="1"))
+    (run_dir / "checkpoints" / "step_10" / "COMPLETE").touch()
+    assert node_args(SLURM_RESTART_COUNT="1")[-1] == f"train.resume={run_dir}"
+    again = node_args(SLURM_JOB_ID="77")
+    assert again[again.index("--controller") + 1] == "gpu-a1:20077"
 
 
 # --------------------------------------------------------------- a real one-node SLURM cluster
@@ -274,7 +305,7 @@ def test_real_slurm_runs_the_rendered_script(tmp_path, slurm_cluster):
     logs.mkdir()  # what slurm.sh does before it submits
     overrides = [
         "slurm.partition=debug", "slurm.time=10", "slurm.cpus_per_task=1",
-        f"slurm.log_dir={logs}", 'slurm.sbatch_args=["--exclusive"]',
+        f"slurm.log_dir={logs}", "slurm.exclusive=true",
         'slurm.setup=["export GANTRY_TEST_SETUP=done"]', *TRICKY,
     ]  # fmt: skip
     config = load_config(GRPO, overrides)

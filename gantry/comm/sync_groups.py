@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from gantry.comm.protocol import SyncPlan
+from gantry.comm.sync_status import member_names, receiver_name, sender_name  # noqa: F401
 from gantry.comm.torch_compat import nccl_options
 
+# member_names, receiver_name, sender_name: the names members check in as, defined without torch
+# in gantry.comm.sync_status (for the status command) and re-exported by gantry.comm.weights.
 CALLED_OFF_POLL_S = 0.5  # how often a waiting member looks for a called-off sync
 CANCELLED = "called-off"
+
+# Told who has checked in, as this process's check-ins see it: (group, version, member name ->
+# unix time first seen, unix time this check-in began). The store is readable only by the
+# sync's members: a listener publishes it (gantry.comm.sync_status.SyncCheckIns, for
+# `python -m gantry status`). Process-wide: every check-in of the process reports to them.
+CheckInListener = Callable[[str, int, dict[str, float], float], None]
+_listeners: list[CheckInListener] = []
+
+
+def add_check_in_listener(listener: CheckInListener) -> None:
+    """Report every check-in of this process to `listener` (at its start, every
+    CALLED_OFF_POLL_S while it waits, and when every member arrived)."""
+    _listeners.append(listener)
+
+
+def remove_check_in_listener(listener: CheckInListener) -> None:
+    _listeners.remove(listener)
 
 
 class SyncCancelled(RuntimeError):
@@ -75,21 +95,6 @@ def connect_store(host: str, port: int, *, host_it: bool, timeout_s: float) -> d
     )
 
 
-def sender_name(sender: int) -> str:
-    return f"policy sender {sender}"
-
-
-def receiver_name(replica: str, tp_rank: int) -> str:
-    return f"rollout replica {replica} tp rank {tp_rank}"
-
-
-def member_names(plan: SyncPlan, senders: int) -> list[str]:
-    names = [sender_name(s) for s in range(senders)]
-    for receiver in plan.receivers:
-        names += [receiver_name(receiver.replica, t) for t in range(receiver.ranks)]
-    return names
-
-
 def check_in(
     store: dist.Store,
     plan: SyncPlan,
@@ -106,6 +111,9 @@ def check_in(
     prefix = _sync_prefix(plan, version)
     store.set(prefix + me, "1")
     names = member_names(plan, senders)
+    report = _Arrivals(plan.group, version, prefix, names) if _listeners else None
+    if report is not None:
+        report.look(store)
     keys, cancelled = [prefix + n for n in names], prefix + CANCELLED
     deadline = time.monotonic() + plan.timeout_s
     pause, next_look = 0.001, time.monotonic() + CALLED_OFF_POLL_S
@@ -115,6 +123,8 @@ def check_in(
         pause = min(2 * pause, 0.05)
         if time.monotonic() >= next_look:
             next_look = time.monotonic() + CALLED_OFF_POLL_S
+            if report is not None:
+                report.look(store)
             if called_off is not None and called_off():
                 store.set(cancelled, "1")
             if store.check([cancelled]):
@@ -132,6 +142,39 @@ def check_in(
                 f"weight sync v{version} ({plan.group}): {', '.join(missing)} did not arrive "
                 f"within {plan.timeout_s:.0f}s (rollout.weight_sync_timeout); {me} gave up"
             )
+    if report is not None:
+        report.all_arrived()
+
+
+@dataclass
+class _Arrivals:
+    """The members of one sync seen checked in so far, told to the listeners when it grows."""
+
+    group: str
+    version: int
+    prefix: str
+    names: list[str]
+    opened: float = field(default_factory=time.time)
+    arrived: dict[str, float] = field(default_factory=dict)
+
+    def look(self, store: dist.Store) -> None:
+        now = time.time()
+        new = {
+            n: now for n in self.names if n not in self.arrived and store.check([self.prefix + n])
+        }
+        if new:
+            self.arrived.update(new)
+            self._tell()
+
+    def all_arrived(self) -> None:
+        now = time.time()
+        if len(self.arrived) < len(self.names):
+            self.arrived.update({n: now for n in self.names if n not in self.arrived})
+            self._tell()
+
+    def _tell(self) -> None:
+        for listener in list(_listeners):
+            listener(self.group, self.version, dict(self.arrived), self.opened)
 
 
 def _sync_prefix(plan: SyncPlan, version: int) -> str:

@@ -12,7 +12,9 @@ that the policy publishes once, packed into same-dtype buckets of bounded size: 
 tensor per sender per bucket, one broadcast each, the next bucket posted before the current
 one is unpacked. Groups are formed at run time through a TCPStore hosted by policy rank 0 at
 the address in the `SyncPlan`, gloo on CPU and NCCL on GPU. Before each sync every member
-checks in at the store, so a sync that stalls names the ranks that did not arrive.
+checks in at the store, so a sync that stalls names the ranks that did not arrive. When a
+group forms, its members time one plain broadcast over it (`_probe`): the baseline that the
+policy's `weight_sync_efficiency` metric compares each sync's throughput with.
 
 This module owns the transfer (`Sender`, `Receiver`, `WeightReceiver`); the manifest and bucket
 layouts are in `gantry.comm.manifest`, the groups, store and check-in in `gantry.comm.sync_groups`.
@@ -26,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -105,11 +108,18 @@ def _device() -> torch.device:
 # Sending (a policy rank holding shard `sender` of every entry)
 
 
+# The most bytes of the plain broadcast a sender times when its group forms (`probe_numel`).
+PROBE_MAX_BYTES = 64 << 20
+PROBE_ROUNDS = 3
+
+
 @dataclass(frozen=True)
 class SendStats:
     bytes: int
     wait_s: float  # until every member checked in (receivers finishing a generate call)
-    send_s: float  # the transfer itself, group formation included on a plan's first sync
+    send_s: float  # the transfer itself
+    setup_s: float = 0.0  # forming the group and timing the probe (a plan's first sync only)
+    raw_gbps: float = 0.0  # the probe: a plain broadcast over the same group (`_probe`)
 
 
 class Sender:
@@ -118,6 +128,7 @@ class Sender:
     def __init__(self, manifest: Manifest, sender: int, store: dist.Store) -> None:
         self.manifest, self.sender, self.store = manifest, sender, store
         self.groups: dict[str, SyncGroup] = {}
+        self.raw_gbps: dict[str, float] = {}  # per plan: its probe's GB/s
         self.arenas = pipeline_arenas(_device())
 
     def send(
@@ -132,19 +143,22 @@ class Sender:
         me = sender_name(self.sender)
         check_in(self.store, plan, self.manifest.senders, me, version, called_off)
         arrived = time.perf_counter()
-        group = self.groups.get(plan.group)
-        if group is None:
-            world = 1 + plan.receiver_ranks
-            prefix = f"{plan.group}/from{self.sender}"
-            group = self.groups[plan.group] = create_group(
-                self.store, prefix, 0, world, plan.timeout_s
-            )
 
         def cancelled() -> bool:
             if called_off is not None and called_off():
                 call_off(self.store, plan, version)
             return is_called_off(self.store, plan, version)
 
+        group, formed = self.groups.get(plan.group), arrived
+        if group is None:
+            world = 1 + plan.receiver_ranks
+            prefix = f"{plan.group}/from{self.sender}"
+            group = self.groups[plan.group] = create_group(
+                self.store, prefix, 0, world, plan.timeout_s
+            )
+            numel = probe_numel(self.manifest, self.sender)
+            self.raw_gbps[plan.group] = _probe([group], [numel], _device(), cancelled, version)
+            formed = time.perf_counter()
         in_flight: deque[list[dist.Work]] = deque()
         sent = 0
         try:
@@ -159,7 +173,10 @@ class Sender:
         except SyncCancelled:
             self.arenas = pipeline_arenas(_device())  # the abandoned broadcasts keep the old
             raise
-        return SendStats(sent, arrived - started, time.perf_counter() - arrived)
+        raw = self.raw_gbps.get(plan.group, 0.0)
+        return SendStats(
+            sent, arrived - started, time.perf_counter() - formed, formed - arrived, raw
+        )
 
     def call_off(self, plan: SyncPlan, version: int) -> None:
         """Release the receivers of a transfer that broke (see `call_off`)."""
@@ -193,6 +210,41 @@ class Sender:
                 rows = arena.take(rows.numel(), bucket.dtype).copy_(rows.reshape(-1))
             out.append(rows.reshape(-1))  # the shard itself: no copy
         return out
+
+
+def probe_numel(manifest: Manifest, sender: int) -> int:
+    """float32 elements of the probe of `sender`'s group: the bytes of its share of a sync,
+    at most PROBE_MAX_BYTES (senders and receivers compute it alike from the manifest)."""
+    share = sum(e.splits[sender] * e.row_numel * e.torch_dtype.itemsize for e in manifest.entries)
+    return max(1, min(share, PROBE_MAX_BYTES) // 4)
+
+
+def _probe(
+    groups: list[SyncGroup],
+    numels: list[int],
+    device: torch.device,
+    cancelled: Callable[[], bool],
+    version: int,
+) -> float:
+    """GB/s of a plain broadcast of `numels[i]` float32 over each of `groups` at once, timed
+    here: the baseline of the sync's efficiency metric. Every member of a group calls it once,
+    right after the group forms (the receivers for all senders' groups together, as in a sync).
+    A one-element broadcast first sets up NCCL's communicator, which is not bandwidth; the
+    best of PROBE_ROUNDS rounds is kept (a first transfer pays one-time costs)."""
+    cuda = device.type == "cuda"
+    warm = [torch.zeros(1, device=device) for _ in groups]
+    _wait([g.broadcast(t) for g, t in zip(groups, warm, strict=True)], cancelled, version)
+    buffers = [torch.empty(n, device=device) for n in numels]
+    best = float("inf")
+    for _ in range(PROBE_ROUNDS):
+        if cuda:
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        _wait([g.broadcast(b) for g, b in zip(groups, buffers, strict=True)], cancelled, version)
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return sum(numels) * 4 / 1e9 / max(best, 1e-9)
 
 
 def _wait(works: list[dist.Work], cancelled: Callable[[], bool], version: int) -> None:
@@ -234,7 +286,12 @@ class Receiver:
         more. Consume to the end: the senders block until every receiver took every bucket."""
         me = receiver_name(replica, tp_rank)
         check_in(self.store, plan, self.manifest.senders, me, version)
+        formed = plan.group in self.groups
         groups = self._groups(plan, plan.rank_of(replica, tp_rank))
+        if not formed:  # join each sender's probe (`_probe`)
+            numels = [probe_numel(self.manifest, s) for s in range(len(groups))]
+            called_off = partial(is_called_off, self.store, plan, version)
+            _probe(groups, numels, self.device, called_off, version)
         buckets = self.manifest.buckets
         pending = deque(self._post(groups, i) for i in range(min(PIPELINE_DEPTH, len(buckets))))
         for i, bucket in enumerate(buckets):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # strict: a TOML string never becomes a number, nor 1 a boolean (that would be a silent rewrite);
 # allow_inf_nan=False: `inf` and `nan` are valid TOML but never a sensible setting.
@@ -91,7 +91,8 @@ _OWN_OPTIONS = {
     "--time": "time", "-t": "time", "--gpus-per-node": "gpus_per_node",
     "--cpus-per-task": "cpus_per_task", "-c": "cpus_per_task", "--output": "log_dir",
     "-o": "log_dir", "--error": "log_dir", "-e": "log_dir",
-    "--ntasks-per-node": "(one launcher per node, always 1)",
+    "--ntasks-per-node": "(one launcher per node, always 1)", "--exclusive": "exclusive",
+    "--mem": "mem", "--requeue": "requeue", "--no-requeue": "requeue",
 }  # fmt: skip
 
 
@@ -126,14 +127,31 @@ class SlurmConfig(BaseModel):
     cpus_per_task: int = Field(
         default=0,
         ge=0,
-        description="CPUs for each node's launcher (one task per node); 0: SLURM's default.",
+        description="CPUs for each node's launcher, which runs all the node's processes (one "
+        "task per node); 0: every CPU of the node (needs exclusive = true).",
+    )
+    exclusive: bool = Field(
+        default=True,
+        description="Whole nodes (sbatch --exclusive): no other job shares their CPUs, memory or "
+        "GPUs. false: set cpus_per_task, since SLURM's default is one CPU per task.",
+    )
+    mem: str = Field(
+        default="",
+        description="Memory per node (sbatch --mem), e.g. '512G'; empty: all of the node's "
+        "memory when exclusive (--mem=0), else SLURM's default.",
+    )
+    requeue: bool = Field(
+        default=True,
+        description="Let SLURM requeue the job after a preemption or node failure (sbatch "
+        "--requeue); the requeued job resumes the run from its last complete checkpoint.",
     )
     job_name: str = Field(default="gantry", description="SLURM job name (also names the logs).")
     controller_port: int = Field(
-        default=6380,
-        ge=1024,
+        default=0,
+        ge=0,
         le=65535,
-        description="Port of the controller on the first node, which the other nodes dial.",
+        description="Port of the run's Redis on the first node, which the other nodes dial; 0: "
+        "one per job, 20000 + job id % 40000, so two jobs sharing a node do not collide.",
     )
     setup: list[str] = Field(
         default_factory=list,
@@ -154,6 +172,30 @@ class SlurmConfig(BaseModel):
         description="Directory of the sbatch script and the job's logs; empty: "
         "train.output_dir/slurm-logs. Relative paths are taken from the repository root.",
     )
+
+    @field_validator("controller_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError(f"got {value}: use a port from 1024 to 65535, or 0 for one per job")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, value: str) -> str:
+        if value and not re.fullmatch(r"\d+[KMGT]?", value):
+            raise ValueError(f"got {value!r}: a size such as '512G', '64000M' or '0' (all)")
+        return value
+
+    @model_validator(mode="after")
+    def _cpus_known(self) -> SlurmConfig:
+        if not self.exclusive and self.cpus_per_task == 0:
+            raise ValueError(
+                "slurm.exclusive = false with slurm.cpus_per_task = 0 would give each node's "
+                "launcher, and every process it starts, one CPU (SLURM's default): set "
+                "slurm.cpus_per_task to the CPUs the run may use on a node"
+            )
+        return self
 
     @field_validator("time")
     @classmethod

@@ -58,40 +58,44 @@ def _common_multiple(near: int, *factors: int) -> int:
 
 # ------------------------------------------------------------------------- [logging], [redis]
 
-# Trackers cosmos-rl configs name in [logging] logger (cosmos-rl itself acts on 'wandb' only).
-_TRACKERS = ("wandb", "tensorboard")
+# What [logging] logger may name (case-insensitive, as cosmos-rl reads it): the console is the
+# controller's output, always on; the trackers run in the controller (controller.trackers).
+LOGGERS = ("console", "wandb", "tensorboard")
 
 
 class LoggingConfig(BaseModel):
-    """[logging]: progress reporting."""
+    """[logging]: progress reporting and experiment trackers."""
 
     model_config = _MODEL_CONFIG
 
     logger: list[str] = Field(
         default_factory=lambda: ["console"],
-        description="Where metrics go: 'console' (the controller's output). cosmos-rl's "
-        "trackers ('wandb', 'tensorboard') are not implemented yet.",
+        description="Where metrics go besides metrics.jsonl, any of 'console' (the controller's "
+        "output), 'wandb' (honours WANDB_MODE, WANDB_DIR...; the run id is kept in "
+        "trackers.json) and 'tensorboard' (event files under <run_dir>/tensorboard), "
+        "case-insensitive.",
     )
-    project_name: str = Field(default="gantry", description="Project the run belongs to.")
+    project_name: str = Field(default="gantry", description="Project the run belongs to (wandb).")
     experiment_name: str | None = Field(
-        default=None, description="Short name of this run (unset: the run directory's name)."
+        default=None,
+        description="Short name of this run (wandb's run name; unset: the run directory's name).",
     )
-    log_interval: int = Field(default=1, gt=0, description="Print progress every N policy steps.")
+    log_interval: int = Field(
+        default=1,
+        gt=0,
+        description="Print progress, and write sample completions (samples.jsonl and the "
+        "trackers), every N policy steps.",
+    )
 
     @field_validator("logger")
     @classmethod
     def _known_loggers(cls, value: list[str]) -> list[str]:
-        problems = []
-        for name in value:
-            if name.lower() in _TRACKERS:
-                problems.append(
-                    f"{name!r}: experiment trackers are not implemented yet (issue 17 adds "
-                    "them): remove it (metrics go to the console and metrics.jsonl)"
-                )
-            elif name != "console":
-                problems.append(f"{name!r}: unknown logger; valid: 'console'")
-        if problems:
-            raise ValueError("\n".join(problems))
+        unknown = [name for name in value if name.lower() not in LOGGERS]
+        if unknown:
+            valid = ", ".join(repr(name) for name in LOGGERS)
+            raise ValueError(
+                "\n".join(f"{name!r}: unknown logger; valid: {valid}" for name in unknown)
+            )
         return value
 
 

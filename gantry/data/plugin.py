@@ -68,7 +68,20 @@ class DatasetScript:
 
     def score(self, completion: str, sample: Any, index: int) -> float:
         """Sum of the reward functions for one completion of `sample` (dataset index `index`)."""
-        total = 0.0
+        return sum(self.score_parts(completion, sample, index), 0.0)
+
+    @property
+    def reward_names(self) -> list[str]:
+        """The reward functions' names (metrics `reward/<name>`), a repeated one numbered."""
+        names: list[str] = []
+        for fn in self.reward_fns:
+            name = getattr(fn, "__name__", type(fn).__name__)
+            names.append(name if name not in names else f"{name}_{len(names) + 1}")
+        return names
+
+    def score_parts(self, completion: str, sample: Any, index: int) -> list[float]:
+        """Each reward function's value for one completion, in `reward_fns` order."""
+        parts = []
         for fn in self.reward_fns:
             name = getattr(fn, "__name__", repr(fn))
             value = call_user_code(
@@ -85,8 +98,8 @@ class DatasetScript:
                     f"{self.path}: reward function {name} returned {value!r} on sample {index}; "
                     "it must return a float"
                 )
-            total += float(value)
-        return total
+            parts.append(float(value))
+        return parts
 
 
 def call_user_code(

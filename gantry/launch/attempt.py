@@ -4,27 +4,86 @@ supervisor until the run ends, stopped together. The launcher (node 0) and `mult
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import sys
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from gantry.comm.protocol import WorkerFailed
-from gantry.comm.transport import ControlPlane
-from gantry.launch.nodes import Placed, with_cpu_shares
-from gantry.launch.processes import ProcessGroupSupervisor
-from gantry.run.runtime import EXIT_RUN_FAILED, RunInfo
+import redis
 
-EXIT_BAD_INPUT = 2
+from gantry.comm.protocol import Keys, WorkerFailed
+from gantry.comm.transport import ControlPlane
+from gantry.launch.console import Console, emit
+from gantry.launch.nodes import Placed, with_cpu_shares
+from gantry.launch.processes import Failure, ProcessGroupSupervisor
+from gantry.run.runtime import EXIT_BAD_INPUT, EXIT_RUN_FAILED, FATAL_FILE, RunInfo
+
 EXIT_INTERRUPTED = 130
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP reached the launcher (STOP_SIGNALS)."""
+
+    def __init__(self, name: str = "SIGINT") -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM (scancel, docker stop, systemd) and SIGHUP (a closed terminal)
+    all stop the run the same way: the first one raises Interrupted; later ones are ignored, so
+    that stopping the processes is never cut short. Inside `deferred()` (while processes are
+    being stopped) the first one waits for the block's end."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.caught: str | None = None
+        self.raised = False
+        self.depth = 0
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.caught is not None:
+            return
+        self.caught = signal.Signals(signum).name
+        if not self.depth:
+            self.raised = True
+            raise Interrupted(self.caught)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.caught is not None and not self.raised and not self.depth:
+            self.raised = True
+            raise Interrupted(self.caught)
+
+
+STOP_SIGNALS = StopSignals()
+
+
 def run_processes(
-    config, info: RunInfo, placed: list[Placed], stop_when: Callable[[], bool] = lambda: False
+    config,
+    info: RunInfo,
+    placed: list[Placed],
+    stop_when: Callable[[], bool] = lambda: False,
+    console: Console | None = None,
+    failures: list[Failure] | None = None,
 ) -> int:
     """One attempt of this node's processes. On node 0: until the controller exits. On the
     others: until all of them have exited, or `stop_when` (node 0 started the run again). A
-    rollout replica that dies is reported to the controller, which goes on without it."""
+    rollout replica that dies is reported to the controller, which goes on without it. A
+    process that met an error a retry would meet again (RUN_DIR/fatal.json) stops the attempt
+    at once: EXIT_BAD_INPUT."""
     run_dir = Path(info.run_dir)
     plane = ControlPlane(info.redis_url)
 
@@ -33,52 +92,91 @@ def run_processes(
         failed = WorkerFailed(role="rollout", replica=replica, error=f"process died with {how}")
         plane.send(info.keys.events, failed)
 
-    restart = ControllerRestarts(config.fault_tolerance.max_controller_restarts)
-
-    supervisor = ProcessGroupSupervisor(run_dir / "logs")
+    fatal = run_dir / FATAL_FILE
+    supervisor = ProcessGroupSupervisor(run_dir / "logs", console)
     placed = with_cpu_shares(placed, sorted(os.sched_getaffinity(0)))
     try:
         for process in placed:
             supervisor.start(process.name, process_command(config, info, process), process.env)
-        return supervisor.wait(
+        say(f"started {', '.join(p.name for p in placed)}; their logs: {run_dir / 'logs'}/")
+        code = supervisor.wait(
             main="controller" if any(p.role == "controller" for p in placed) else None,
             expendable=lambda name: name.startswith("rollout"),
             on_lost=lost,
-            stop_when=stop_when,
-            restart=restart,
+            stop_when=lambda: stop_when() or fatal.exists(),
+            restart=ControllerRestarts(config.fault_tolerance.max_controller_restarts),
+            hung=HeartbeatWatch(plane, info.keys, placed),
         )
-    except KeyboardInterrupt:
-        say("interrupted: stopping the run")
+        return EXIT_BAD_INPUT if fatal.exists() else code
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted: SIGTERM, SIGHUP
+        say(f"interrupted ({getattr(exc, 'name', 'SIGINT')}): stopping the run")
         return EXIT_INTERRUPTED
     finally:
-        supervisor.stop_all()
-        plane.close()
+        with STOP_SIGNALS.deferred():
+            supervisor.stop_all()
+            plane.close()
+            if failures is not None and supervisor.failure is not None:
+                failures.append(supervisor.failure)
+
+
+def read_fatal(run_dir: Path) -> dict | None:
+    """The error a retry would meet again, as a worker recorded it (None without one)."""
+    path = run_dir / FATAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class ControllerRestarts:
     """Whether a dead child is started again: only a controller that died (not one that failed
-    the run, EXIT_RUN_FAILED), at most `most` times; its successor carries on from the state
-    it kept in Redis (controller.journal)."""
+    the run, EXIT_RUN_FAILED, or met bad input, EXIT_BAD_INPUT), at most `most` times; its
+    successor carries on from the state it kept in Redis (controller.journal)."""
 
     def __init__(self, most: int) -> None:
         self.most, self.done = most, 0
 
     def __call__(self, name: str, code: int) -> bool:
-        if name != "controller" or code == EXIT_RUN_FAILED or self.done >= self.most:
+        if name != "controller" or code in (EXIT_RUN_FAILED, EXIT_BAD_INPUT):
+            return False
+        if self.done >= self.most:
             return False
         self.done += 1
         say(f"controller restart {self.done}/{self.most}")
         return True
 
 
+class HeartbeatWatch:
+    """Whether a policy or rollout process stopped working: its heartbeat key, seen before,
+    has lapsed (the controller drops such a replica, or starts the run again). The launcher
+    then kills it: a hung or SIGSTOPped process is never left behind."""
+
+    def __init__(self, plane: ControlPlane, keys: Keys, placed: list[Placed]) -> None:
+        self.plane, self.seen = plane, set()
+        self.keys = {
+            p.name: keys.heartbeat(p.role, str(p.replica)) for p in placed if p.role != "controller"
+        }
+
+    def __call__(self, name: str) -> bool:
+        key = self.keys.get(name)
+        if key is None:
+            return False
+        try:
+            alive = self.plane.alive(key)
+        except redis.RedisError:
+            return False  # Redis itself is in trouble: that is reported elsewhere
+        if alive:
+            self.seen.add(name)
+        return not alive and name in self.seen
+
+
 def say(text: str) -> None:
-    print(f"[launcher] {text}", file=sys.stderr, flush=True)
+    emit(f"[launcher] {text}", err=True)
 
 
 def process_command(config, info: RunInfo, process: Placed) -> list[str]:
     """The python arguments of one process. A policy replica is a torchrun agent: all of them
     form one job, replica i being torchrun's node i, with dp_replicate_size x dp_shard_size
-    local ranks, meeting at the address node 0 published."""
+    local ranks, meeting at the address node 0 published. The agent runs under
+    gantry.launch.lifeline, which makes it die with the launcher (its ranks have sessions of
+    their own, which it kills)."""
     run_dir = ["--run-dir", info.run_dir]
     if process.role == "controller":
         return ["-m", "controller", *run_dir]
@@ -88,7 +186,7 @@ def process_command(config, info: RunInfo, process: Placed) -> list[str]:
     parallel = config.policy.parallelism
     host, port = info.policy_master.rsplit(":", 1)
     return [
-        "-m", "torch.distributed.run",
+        "-m", "gantry.launch.lifeline", "torch.distributed.run",
         f"--nnodes={parallel.n_init_replicas}", f"--node-rank={process.replica}",
         f"--nproc-per-node={parallel.ranks_per_replica}",
         f"--master-addr={host}", f"--master-port={port}",

@@ -8,7 +8,8 @@ once vLLM or the trainer starts:
 - `policy.model_max_length` above the positions the model has (max_position_embeddings, times
   its RoPE scaling factor where that extends it, as vLLM counts them);
 - GRPO: `rollout.parallelism.tp_size` not dividing the model's attention heads (vLLM shards them).
-A Hugging Face repo id is checked from the local Hub cache when its config.json is there, never
+A model written as a local path must be a directory. A Hugging Face repo id is checked from the
+local Hub cache when its config.json is there, never
 downloaded here; otherwise the check is skipped.
 """
 
@@ -77,6 +78,19 @@ def max_positions(model_config: dict[str, Any]) -> int | None:
             limit = rope.get("original_max_position_embeddings", limit)
         limit = int(limit * factor)
     return limit
+
+
+def check_model_exists(model_path: str) -> None:
+    """LaunchError when `model_path` is written as a local path (absolute, ./, ../, ~, or more
+    than one `/`, which no Hub repo id has) and no directory is there: every worker would fail
+    loading it, and a restart would not help."""
+    local = Path(model_path).expanduser()
+    path_like = model_path.startswith(("/", "./", "../", "~")) or model_path.count("/") > 1
+    if path_like and not local.is_dir():
+        raise LaunchError(
+            f"policy.model_name_or_path = {model_path!r}: no directory there; give the path of "
+            "a Hugging Face model directory, a Hub repo id (org/name) or a built-in gantry: model"
+        )
 
 
 def check_model_fits(config: GantryConfig, model_path: str) -> None:

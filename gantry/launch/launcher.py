@@ -8,8 +8,14 @@ is reported to the controller, which hands its prompts to the others; a controll
 started again alone and carries on from the state it keeps in Redis
 (fault_tolerance.max_controller_restarts times); if a policy process dies (or the controller
 fails the run), the others are stopped and the run starts again from its last complete
-checkpoint (fault_tolerance.max_restarts times), else the launcher exits 1 naming it. It exits
-0 when training is done.
+checkpoint (fault_tolerance.max_restarts times), else the launcher exits 1 naming it. An error
+that a restart would meet again (bad input found by a worker at start, RUN_DIR/fatal.json) is
+not retried: exit 2, one line. SIGINT (Ctrl-C), SIGTERM and SIGHUP stop every process and exit
+130, result.json saying "interrupted" and the last step. It exits 0 when training is done.
+
+The console shows Gantry's lines and, on a terminal, a progress bar (gantry.launch.console);
+everything each process writes is in RUN_DIR/logs/. Every process dies with the launcher, even
+a SIGKILLed one (gantry.launch.lifeline).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import secrets
 import shutil
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -27,8 +34,17 @@ from gantry.config import ConfigError, config_to_toml, load_config, write_resolv
 from gantry.cosmos import is_cosmos_script
 from gantry.data.plugin import DatasetScriptError
 from gantry.data.script_check import check_dataset_script
-from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
-from gantry.launch.checks import check_model_fits
+from gantry.launch import outcome
+from gantry.launch.attempt import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    STOP_SIGNALS,
+    read_fatal,
+    run_processes,
+    say,
+)
+from gantry.launch.checks import check_model_exists, check_model_fits
+from gantry.launch.console import Console
 from gantry.launch.multinode import Cluster, join_run, publish_run
 from gantry.launch.nodes import NodePlanError
 from gantry.launch.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
@@ -51,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show every line of every process (vLLM, torch, tracebacks) on the console, not "
+        "only Gantry's; all of them are in RUN_DIR/logs/<process>.log either way",
+    )  # fmt: skip
     nodes = parser.add_argument_group(
         "several nodes", "start the launcher on every node with the same config and dataset"
     )
@@ -124,7 +145,18 @@ def prepare(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The launcher's exit code: 0 done, 1 failed, 2 bad input (never retried), 130
+    interrupted (SIGINT, SIGTERM or SIGHUP)."""
     args = parse_args(argv)
+    STOP_SIGNALS.install()
+    try:
+        return launch(args)
+    except KeyboardInterrupt as exc:  # before the run started, or after it stopped
+        say(f"interrupted ({getattr(exc, 'name', 'SIGINT')})")
+        return EXIT_INTERRUPTED
+
+
+def launch(args: argparse.Namespace) -> int:
     try:
         config, script_path, dataset_size, steps, ignored = prepare(args)
     except (ConfigError, DatasetScriptError, LaunchError) as exc:
@@ -150,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(config.train.output_dir).resolve()
     try:
         model_path = resolve_model(config.policy.model_name_or_path, output_dir)
+        check_model_exists(model_path)
         check_model_fits(config, model_path)
         resume_from = find_resume_checkpoint(config.train.resume, output_dir)
     except LaunchError as exc:
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         ignored_config_keys=ignored,
         config_source=keep_config_source(args.config, run_dir),
     )
-    return run(config, info, cluster)
+    return run(config, info, cluster, Console(verbose=args.verbose))
 
 
 def keep_config_source(config_path: str | None, run_dir: Path) -> str:
@@ -198,8 +231,9 @@ def new_run_dir(output_dir: Path, run_id: str) -> tuple[str, Path]:
     return stamp, run_dir
 
 
-def run(config, info: RunInfo, cluster: Cluster) -> int:
+def run(config, info: RunInfo, cluster: Cluster, console: Console | None = None) -> int:
     run_dir = Path(info.run_dir)
+    outcome.clear_stale(run_dir)
     redis_server = None
     url = config.redis.url
     if not url:
@@ -209,6 +243,7 @@ def run(config, info: RunInfo, cluster: Cluster) -> int:
             config.redis.executable,
             bind=cluster.redis_bind,
             password=redis_password(),
+            die_with_parent=True,
         )
         try:
             url = redis_server.start()
@@ -217,15 +252,53 @@ def run(config, info: RunInfo, cluster: Cluster) -> int:
             return 1
     info.redis_url = url
     print(f"run directory: {run_dir}", flush=True)
+    console = console or Console()
+    console.start_progress(run_dir / "metrics.jsonl", planned_steps(config, info.dataset_size))
+    started, failures = time.monotonic(), []
     try:
-        code = run_with_restarts(config, info, cluster)
+        code = run_with_restarts(config, info, cluster, console, failures)
+    except KeyboardInterrupt:  # between attempts: no process is running
+        code = EXIT_INTERRUPTED
     finally:
-        if redis_server is not None:
-            redis_server.stop()
-    return code if code else report_success(run_dir)
+        with STOP_SIGNALS.deferred():
+            console.stop()
+            if redis_server is not None:
+                redis_server.stop()
+    if code == 0:
+        return report_success(run_dir)
+    return report_stop(run_dir, code, started, failures)
 
 
-def run_with_restarts(config, info: RunInfo, cluster: Cluster) -> int:
+def report_stop(run_dir: Path, code: int, started: float, failures: list) -> int:
+    """result.json for a run that did not finish, and its last line on the console."""
+    if code == EXIT_INTERRUPTED:
+        result = outcome.write_result(
+            run_dir, "interrupted", started, signal=STOP_SIGNALS.caught or "SIGINT"
+        )
+        say(
+            f"stopped at step {result.get('last_step', result.get('steps'))}: {run_dir / 'result.json'}"
+        )
+        return code
+    fatal = read_fatal(run_dir)
+    if code == EXIT_BAD_INPUT and fatal is not None:
+        log = run_dir / "logs" / f"{fatal['process']}.log"
+        outcome.write_result(run_dir, "failed", started, retried=False, **fatal)
+        say(
+            f"error: {fatal['process']}: {fatal['error']} (not retried: it would fail the same "
+            f"way again; full log: {log})"
+        )
+        return EXIT_BAD_INPUT
+    last = failures[-1] if failures else None
+    outcome.write_result(
+        run_dir, "failed", started, exit_code=code,
+        **({"process": last.name, "error": last.cause} if last else {}),
+    )  # fmt: skip
+    return code
+
+
+def run_with_restarts(
+    config, info: RunInfo, cluster: Cluster, console: Console, failures: list
+) -> int:
     """Run the processes; when one the run cannot go on without dies, start them all again
     from the run's last complete checkpoint, up to fault_tolerance.max_restarts times."""
     restarts = config.fault_tolerance.max_restarts
@@ -245,8 +318,8 @@ def run_with_restarts(config, info: RunInfo, cluster: Cluster) -> int:
         info.policy_master = f"{cluster.head_host}:{free_port(cluster.redis_bind)}"
         info.write()
         publish_run(info, cluster.run_key)  # the other nodes start (again) on this
-        code = run_processes(config, info, cluster.placed)
-        if code in (0, EXIT_INTERRUPTED):
+        code = run_processes(config, info, cluster.placed, console=console, failures=failures)
+        if code in (0, EXIT_INTERRUPTED, EXIT_BAD_INPUT):  # a retry would meet bad input again
             return code
     say(f"the run failed {restarts + 1} time(s) (fault_tolerance.max_restarts = {restarts})")
     return code

@@ -128,7 +128,7 @@ def join_run(config, cluster: Cluster, timeout_s: float) -> int:
         print(f"node {cluster.node_rank}: run directory {run_dir} (attempt {info.attempt})")
         watch = _AttemptWatch(plane, cluster.run_key, info.attempt)
         code = run_processes(config, info, cluster.placed, stop_when=watch.changed)
-        if code in (0, EXIT_INTERRUPTED):
+        if code in (0, EXIT_INTERRUPTED, EXIT_BAD_INPUT):  # a retry would meet it again
             return code
         try:  # processes here fail too when node 0 restarts the run: follow it if it does
             wait = timeout_s if code == EXIT_RESTARTED else FOLLOW_RESTART_S

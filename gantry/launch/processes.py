@@ -1,7 +1,12 @@
-"""Child processes of a run: started with their output prefixed by role, watched, stopped.
+"""Child processes of a run: started with their output kept in logs/ (and shown, filtered, by
+gantry.launch.console), watched, stopped.
 
-Each child runs in its own process group so that stopping it also stops what it started
-(engine workers), and nothing else: processes are found by the pids we started, never by name.
+Each child runs in its own session and process group, so that a terminal's Ctrl-C reaches the
+launcher alone (which then stops the run in order) and stopping a child also stops what it
+started. Processes are found by the pids we started and their descendants in /proc
+(gantry.launch.lifeline), never by name: what a child started in a session of its own
+(torchrun's ranks) is killed with it, and so is a stopped (SIGSTOPped, hung) process, which
+SIGTERM cannot end.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gantry.launch import lifeline
+from gantry.launch.console import Console, cause_of, emit
+
 STOP_GRACE_S = 10.0
 EXIT_RESTARTED = 75  # wait() gave up because the run is being started again
 DRAIN_TIMEOUT_S = 60.0
+CHECK_INTERVAL_S = 2.0  # how often the process trees are looked at and `hung` is asked
 
 
 @dataclass
@@ -31,18 +40,32 @@ class Child:
     env: dict[str, str] | None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
     reader: threading.Thread | None = None
+    tree: list[lifeline.Ident] = field(default_factory=list)  # descendants last seen
+
+
+@dataclass
+class Failure:
+    """Why the run stopped: which process, and the line of its log that says why."""
+
+    name: str
+    how: str
+    cause: str
+    log: Path
 
 
 class ProcessGroupSupervisor:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, console: Console | None = None) -> None:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.console = console or Console(verbose=True, tty=False)
         self.children: dict[str, Child] = {}
-        self._print_lock = threading.Lock()
+        self.failure: Failure | None = None
+        self._checked = 0.0
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
         full = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         full.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tqdm bars garble prefixed logs
+        full[lifeline.LAUNCHER_ENV] = lifeline.launcher_identity()  # children die with us
         process = subprocess.Popen(
             [sys.executable, *args],
             stdout=subprocess.PIPE,
@@ -67,9 +90,7 @@ class ProcessGroupSupervisor:
                 log.write(line)
                 log.flush()
                 child.tail.append(line)
-                with self._print_lock:
-                    sys.stdout.write(f"[{child.name:<{width}}] {line}")
-                    sys.stdout.flush()
+                self.console.child_line(child.name, width, line)
 
     def wait(
         self,
@@ -78,16 +99,20 @@ class ProcessGroupSupervisor:
         on_lost: Callable[[str, str], None] = lambda name, how: None,
         stop_when: Callable[[], bool] = lambda: False,
         restart: Callable[[str, int], bool] = lambda name, code: False,
+        hung: Callable[[str], bool] = lambda name: False,
     ) -> int:
         """Block until `main` exits 0 and the others follow (0; with no `main`, until every
         child exited 0), or a child fails (1), or `stop_when()` (EXIT_RESTARTED). An
         `expendable` child that fails is reported to `on_lost(name, how)` and the run goes
         on, unless every expendable child is gone; another child that fails is started again
-        when `restart(name, exit code)` says so, the others running on."""
+        when `restart(name, exit code)` says so, the others running on. A live child that
+        `hung(name)` says stopped working (its heartbeat lapsed) is killed, and then counts
+        as failed like any other."""
         lost: set[str] = set()
         while True:
             if stop_when():
                 return EXIT_RESTARTED
+            self._check_trees(hung)
             for child in list(self.children.values()):
                 code = child.process.poll()
                 if code is None or code == 0 or child.name in lost:
@@ -98,10 +123,10 @@ class ProcessGroupSupervisor:
                     self._restart(child, code)
                     continue
                 lost.add(child.name)
-                self._report_lost(child, code)
+                self._report_death(child, code, "the run goes on without it")
                 on_lost(child.name, _how(code))
                 if all(n in lost for n in self.children if expendable(n)):
-                    self._say("every expendable process is gone; stopping the run")
+                    emit("[launcher] every expendable process is gone; stopping the run", err=True)
                     return 1
             if main is None:
                 if all(c.process.poll() is not None for c in self.children.values()):
@@ -110,22 +135,51 @@ class ProcessGroupSupervisor:
                 return self._drain(main, lost)
             time.sleep(0.2)
 
-    def _report_lost(self, child: Child, code: int) -> None:
-        self._report_death(child, code, "the run goes on without it", last_lines=10)
+    def _check_trees(self, hung: Callable[[str], bool]) -> None:
+        """Every CHECK_INTERVAL_S: note each live child's descendants (killed with it later,
+        even once they are orphans), and kill a child whose heartbeat lapsed."""
+        if time.monotonic() - self._checked < CHECK_INTERVAL_S:
+            return
+        self._checked = time.monotonic()
+        for child in self.children.values():
+            if child.process.poll() is not None:
+                continue
+            child.tree = lifeline.descendants(child.process.pid)
+            if hung(child.name):
+                emit(
+                    f"[launcher] {child.name} (pid {child.process.pid}) stopped sending "
+                    "heartbeats (hung or stopped): killing it and what it started",
+                    err=True,
+                )
+                self._kill(child)
+
+    def _kill(self, child: Child) -> None:
+        """SIGKILL a child (live, or just reaped), its process group and every descendant we
+        saw or see now."""
+        if child.process.poll() is None:  # else its pid may be another process's by now
+            child.tree += lifeline.descendants(child.process.pid)
+        _signal_group(child.process.pid, signal.SIGKILL)
+        lifeline.kill_tree(child.tree)
 
     def _restart(self, child: Child, code: int) -> None:
-        self._report_death(child, code, "starting it again, the others running on", last_lines=10)
+        self._report_death(child, code, "starting it again, the others running on")
         self.start(child.name, child.args, child.env)
 
-    def _report_death(self, child: Child, code: int, outcome: str, last_lines: int) -> None:
-        """Say that `child` died, what happens now, and the end of its output."""
+    def _report_death(self, child: Child, code: int, outcome: str) -> Failure:
+        """One line: `child` died, why (the line of its output that says so), what happens
+        now, and where the rest is. What it started goes with it."""
+        self._kill(child)
         if child.reader is not None:
             child.reader.join(timeout=2)
-        tail = "".join(list(child.tail)[-last_lines:]).rstrip()
-        self._say(
-            f"{child.name} (pid {child.process.pid}) died with {_how(code)}; {outcome}. Its "
-            f"last output (full log: {self._log_path(child.name)}):\n{tail}"
+        # Killed by a signal, its last line is what it was doing, not why it died.
+        cause = cause_of(list(child.tail), last_resort=code > 0)
+        failure = Failure(child.name, _how(code), cause, self._log_path(child.name))
+        emit(
+            f"[launcher] {child.name} (pid {child.process.pid}) died with {failure.how}"
+            f"{': ' + cause if cause else ''}; {outcome} (full log: {failure.log})",
+            err=True,
         )
+        return failure
 
     def _drain(self, main: str, lost: set[str]) -> int:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -135,8 +189,10 @@ class ProcessGroupSupervisor:
             try:
                 code = child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._say(
-                    f"{child.name} did not exit {DRAIN_TIMEOUT_S:.0f}s after {main}; stopping it"
+                emit(
+                    f"[launcher] {child.name} did not exit {DRAIN_TIMEOUT_S:.0f}s after {main}; "
+                    "stopping it",
+                    err=True,
                 )
                 continue
             if code != 0:
@@ -144,23 +200,23 @@ class ProcessGroupSupervisor:
         return 0
 
     def _failed(self, child: Child, code: int) -> int:
-        self._report_death(
-            child, code, "stopping the other processes", last_lines=child.tail.maxlen
-        )
+        self.failure = self._report_death(child, code, "stopping the other processes")
         return 1
 
     def _log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    def _say(self, text: str) -> None:
-        with self._print_lock:
-            print(f"[launcher] {text}", file=sys.stderr, flush=True)
-
     def stop_all(self) -> None:
-        """SIGTERM every live child's process group, then SIGKILL what is left after a grace."""
+        """SIGTERM every live child's process group, then SIGKILL what is left after a grace,
+        and every descendant seen (in other sessions, stopped, orphaned): nothing survives."""
         live = [c for c in self.children.values() if c.process.poll() is None]
         for child in live:
+            child.tree += lifeline.descendants(child.process.pid)
             _signal_group(child.process.pid, signal.SIGTERM)
+            # A stopped process would hold SIGTERM pending forever: it is killed now.
+            lifeline.kill_tree([i for i in child.tree if lifeline.is_stopped(i[0])])
+            if lifeline.is_stopped(child.process.pid):
+                child.process.kill()
         deadline = time.monotonic() + STOP_GRACE_S
         for child in live:
             try:
@@ -168,6 +224,9 @@ class ProcessGroupSupervisor:
             except subprocess.TimeoutExpired:
                 _signal_group(child.process.pid, signal.SIGKILL)
                 child.process.wait()
+        for child in live:  # reaped a moment ago: their group ids are not reused yet
+            _signal_group(child.process.pid, signal.SIGKILL)  # what outlived its leader
+            lifeline.kill_tree(child.tree)
         for child in self.children.values():
             if child.reader is not None:
                 child.reader.join(timeout=2)
@@ -178,5 +237,5 @@ def _how(code: int) -> str:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)

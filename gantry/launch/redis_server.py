@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from gantry.launch.lifeline import exec_with_parent_death
+
 
 class RedisServerError(RuntimeError):
     pass
@@ -57,7 +59,10 @@ class RedisServer:
 
     It listens on 127.0.0.1 unless given another address (a multi-node run's head node). With a
     password, clients must authenticate; the settings reach redis-server on its standard input,
-    so the password appears neither on its command line (visible to `ps`) nor in a file."""
+    so the password appears neither on its command line (visible to `ps`) nor in a file.
+    A run's server (`die_with_parent`) gets SIGKILL when the launcher dies, even SIGKILLed
+    (gantry.launch.lifeline), and runs in a session of its own: a terminal's Ctrl-C reaches the
+    launcher, which stops the workers before their Redis."""
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class RedisServer:
         *,
         bind: str = "127.0.0.1",
         password: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         if bind not in ("127.0.0.1", "localhost") and not password:
             raise RedisServerError(
@@ -77,6 +83,7 @@ class RedisServer:
         self.requested_port = port
         self.executable = find_redis_server(executable)
         self.bind, self.password = bind, password
+        self.die_with_parent = die_with_parent
         self.port = 0
         self.process: subprocess.Popen | None = None
 
@@ -101,12 +108,16 @@ class RedisServer:
         attempts = 1 if self.requested_port else 5
         for _ in range(attempts):
             self.port = self.requested_port or free_port(self.bind)
+            command = [self.executable, "-"]  # the settings come on stdin
+            if self.die_with_parent:
+                command = exec_with_parent_death(command)
             self.process = subprocess.Popen(
-                [self.executable, "-"],  # the settings come on stdin
+                command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 text=True,
+                start_new_session=self.die_with_parent,
             )
             self.process.stdin.write(self._settings())
             self.process.stdin.close()

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gantry.config import ConfigError, load_config
+from gantry.run.checkpoints import COMPLETE
 
 EXIT_BAD_INPUT = 2
 
@@ -125,6 +126,11 @@ def _sbatch_directives(slurm, logs: Path) -> list[str]:
         head.append(_directive("--gpus-per-node", slurm.gpus_per_node))
     if slurm.cpus_per_task:
         head.append(_directive("--cpus-per-task", slurm.cpus_per_task))
+    if slurm.exclusive:
+        head.append("#SBATCH --exclusive")
+    if slurm.mem or slurm.exclusive:
+        head.append(_directive("--mem", slurm.mem or "0"))  # 0: all of the node's memory
+    head.append("#SBATCH --requeue" if slurm.requeue else "#SBATCH --no-requeue")
     if slurm.partition:
         head.append(_directive("--partition", slurm.partition))
     if slurm.account:
@@ -140,8 +146,8 @@ def _sbatch_directives(slurm, logs: Path) -> list[str]:
 def _srun_command(slurm, root: Path, logs: Path, user_args: list[str]) -> list[str]:
     """The srun step's words (joined with line continuations): one launch.sh task per node."""
     node_args = (
-        f'--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
-        f'--controller "$HEAD:{slurm.controller_port}" --run-id "$GANTRY_RUN_ID"'
+        '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
+        '--controller "$HEAD:$GANTRY_CONTROLLER_PORT" --run-id "$GANTRY_RUN_ID"'
     )
     if slurm.policy_nodes:
         node_args += f" --policy-nodes {slurm.policy_nodes}"
@@ -151,6 +157,11 @@ def _srun_command(slurm, root: Path, logs: Path, user_args: list[str]) -> list[s
         'launch_args=("$@"); set --  # kept aside: `source x.sh` would hand them to x.sh',
         f"cd {shlex.quote(str(root))}",
         *slurm.setup,
+        # A requeued job (preempted, or its node failed) resumes its own run directory.
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && '
+        f'compgen -G "$GANTRY_RUN_DIR/checkpoints/step_*/{COMPLETE}" > /dev/null; then',
+        '  launch_args+=("train.resume=$GANTRY_RUN_DIR")',
+        "fi",
         f'exec ./launch.sh {node_args} "${{launch_args[@]}}"',
     ]
     srun = [
@@ -159,8 +170,12 @@ def _srun_command(slurm, root: Path, logs: Path, user_args: list[str]) -> list[s
     ]
     if slurm.gpus_per_node:
         srun.append(f"--gpus-per-node={slurm.gpus_per_node}")
-    if slurm.cpus_per_task:  # srun does not inherit the job's --cpus-per-task on every version
+    # srun does not inherit the job's --cpus-per-task on every version; on a whole node the
+    # step would otherwise get one CPU.
+    if slurm.cpus_per_task:
         srun.append(f"--cpus-per-task={slurm.cpus_per_task}")
+    else:
+        srun.append('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
     return srun + [
         *map(shlex.quote, slurm.srun_args),
         "bash -c " + shlex.quote("\n" + "\n".join(task) + "\n") + " gantry-node",
@@ -170,11 +185,13 @@ def _srun_command(slurm, root: Path, logs: Path, user_args: list[str]) -> list[s
 
 def _job_preamble(slurm, root: Path, logs: Path, run_dir: Path) -> str:
     """The script between the #SBATCH lines and srun: where logs go, the run's secret, the head."""
+    port = slurm.controller_port or "$((20000 + SLURM_JOB_ID % 40000))"
+    port_comment = "slurm.controller_port" if slurm.controller_port else "one per job"
     return f"""
 # Rendered by ./slurm.sh (gantry/launch/slurm.py). Submit with: sbatch <this file>
 # One srun task per node runs the setup lines, then launch.sh with the node's rank and the
 # command line given to slurm.sh (the arguments after gantry-node). Node rank 0, the first
-# host, also runs the controller (port {slurm.controller_port}), which the other nodes dial.
+# host, also runs the controller and the run's Redis, which the other nodes dial.
 # Logs (%x: job name, %j: job id): this script's in {logs}/%x-%j.out
 # and .err; each node's launcher in {logs}/%x-%j-node<N>.out; each role's
 # (controller, policy<i>, rollout<i>) in {run_dir}/logs/<role>.log.
@@ -186,6 +203,9 @@ cd {shlex.quote(str(root))}
 GANTRY_REDIS_PASSWORD="$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
 export GANTRY_REDIS_PASSWORD
 export GANTRY_RUN_ID="slurm-$SLURM_JOB_ID"
+export GANTRY_RUN_DIR={shlex.quote(str(run_dir.parent))}/"$GANTRY_RUN_ID"
+# The Redis port on the first node: {port_comment}.
+export GANTRY_CONTROLLER_PORT={port}
 # sed, not head: it reads all of scontrol's output, so no SIGPIPE trips pipefail.
 HEAD="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 if [ -z "$HEAD" ]; then
@@ -193,7 +213,7 @@ if [ -z "$HEAD" ]; then
   exit 1
 fi
 export HEAD
-echo "gantry: job $SLURM_JOB_ID on $SLURM_NNODES node(s), controller $HEAD:{slurm.controller_port}"
+echo "gantry: job $SLURM_JOB_ID on $SLURM_NNODES node(s), controller $HEAD:$GANTRY_CONTROLLER_PORT"
 
 """
 

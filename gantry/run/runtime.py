@@ -10,6 +10,7 @@ Layout of a run directory (created by the launcher):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.comm.protocol import Keys, WorkerFailed
 from gantry.comm.transport import ControlPlane
-from gantry.config import GantryConfig, read_resolved_config
+from gantry.config import ConfigError, GantryConfig, read_resolved_config
 from gantry.run.activity import Activity
 
 HEARTBEAT_INTERVAL_S = 2.0
@@ -33,6 +34,10 @@ HEARTBEAT_TTL_S = 30.0
 # The controller's exit when the run cannot go on (a policy replica failed): the launcher starts
 # the run again; any other non-zero exit is the controller's own death, and it restarts alone.
 EXIT_RUN_FAILED = 3
+# Bad input, found by the launcher or by a worker at start (RUN_DIR/fatal.json says which):
+# retrying cannot help, the run stops.
+EXIT_BAD_INPUT = 2
+FATAL_FILE = "fatal.json"
 
 
 class RunInfo(BaseModel):
@@ -68,16 +73,32 @@ class RunInfo(BaseModel):
         return Keys(self.run_id)
 
 
+# Loggers whose lines are Gantry's own: the launcher's console shows them (gantry.launch.console);
+# the lines of other loggers (vLLM's, torch's, a library's) are tagged `[logger.name]` and stay in
+# the process's log file unless --verbose.
+OWN_LOGGERS = ("gantry", "controller", "policy", "rollout")
+
+
+def _tag_foreign(record: logging.LogRecord) -> bool:
+    own = record.name.split(".", 1)[0] in OWN_LOGGERS
+    record.origin = "" if own else f"[{record.name}] "
+    return True
+
+
 def setup_logging(role: str) -> logging.Logger:
     # Policy ranks other than 0 (torchrun sets RANK) say only what goes wrong, tagged by rank.
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s " + (f"rank{rank} " if rank else "") + "%(message)s",
+        format="%(asctime)s %(levelname)s "
+        + (f"rank{rank} " if rank else "")
+        + "%(origin)s%(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stdout,
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_tag_foreign)
     return logging.getLogger(f"gantry.{role}")
 
 
@@ -125,6 +146,7 @@ class Heartbeat:
 
     def start(self) -> Heartbeat:
         self._beat()
+        _started.set()  # the worker is up: later errors are not counted as start-up errors
         self._thread.start()
         return self
 
@@ -141,17 +163,52 @@ class Heartbeat:
 
 
 def run_worker(role: str, replica: str, info: RunInfo, body: Callable[[], None]) -> None:
-    """Run a worker's body; on an error, tell the controller why, then exit non-zero."""
+    """Run a worker's body; on an error, tell the controller why, then exit non-zero:
+    EXIT_BAD_INPUT, with RUN_DIR/fatal.json, when the error will recur on any retry."""
     try:
         body()
     except Exception as exc:  # the process boundary: report, then exit non-zero
         error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
+        sys.stderr.flush()
+        recurs = is_deterministic(exc, started=_started.is_set())
+        if recurs:
+            record_fatal(info, f"{role}{replica}", error)
+        # The line the launcher quotes as the cause (gantry.launch.console.cause_of).
+        logging.getLogger(f"gantry.{role}").error("%s %s failed: %s", role, replica, error)
         plane = ControlPlane(info.redis_url)
         plane.send(info.keys.events, WorkerFailed(role=role, replica=replica, error=error))
         plane.close()
         sys.stdout.flush()
-        os._exit(1)  # engine threads (vLLM) must not keep a failed worker alive
+        os._exit(EXIT_BAD_INPUT if recurs else 1)  # engine threads (vLLM) must not keep it alive
+
+
+# Errors that say the config is wrong: whenever they happen, a retry meets them again.
+ALWAYS_RECUR = (ConfigError,)
+# Errors that, before a worker is up (its heartbeat runs, it registers right after), come from
+# the config, the files or the code it was given, not from the machine (out of memory, a
+# network, a peer): retried, the worker would fail the same way. A broken dataset script
+# (gantry.data's DatasetScriptError) is a ValueError.
+RECUR_AT_START = (
+    ValueError, TypeError, LookupError, AttributeError, ImportError, NotImplementedError,
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+)  # fmt: skip
+_started = threading.Event()  # set by the first Heartbeat of this process
+
+
+def is_deterministic(exc: BaseException, *, started: bool) -> bool:
+    return isinstance(exc, ALWAYS_RECUR) or (not started and isinstance(exc, RECUR_AT_START))
+
+
+def record_fatal(info: RunInfo, process: str, error: str) -> None:
+    """RUN_DIR/fatal.json: an error that a restart would meet again (the first one written
+    wins: the others are its consequences). The launcher reads it and stops the run (exit 2)."""
+    first_line = (error.strip().splitlines() or [""])[0]  # its traceback is in the log
+    record = json.dumps({"process": process, "error": first_line}) + "\n"
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(Path(info.run_dir) / FATAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
 
 
 def host_name() -> str:
