@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from gantry.run.errors import NonFiniteError
+
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
 MARKER_NAME = ".export-id"  # in <out>.tmp while the ranks write: proves they share its filesystem
@@ -170,6 +172,11 @@ class ShardFiles:
             raise RuntimeError(
                 f"export: {name}: a {piece.dtype} piece of {nbytes} bytes at {offset} does "
                 f"not fit the planned {spec.dtype} tensor of {spec.nbytes} bytes"
+            )
+        if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+            raise NonFiniteError(
+                f"export: {name} holds NaN or infinite values; an unusable model is not "
+                "exported (the previous export and checkpoints are kept)"
             )
         if file not in self.fds:
             self.fds[file] = os.open(self.out_dir / self.filenames[file], os.O_WRONLY)

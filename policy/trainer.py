@@ -14,6 +14,7 @@ whole batch would.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from gantry.config import GantryConfig
 from gantry.data.media import has_media
 from gantry.data.plugin import prompt_messages
 from gantry.models.loading import is_vision_language, media_token_ids
+from gantry.run.errors import NonFiniteError
 from policy.export import tied_weight_names
 from policy.grpo import group_advantages, grpo_loss
 from policy.optim import build_optimizer, build_scheduler
@@ -232,12 +234,21 @@ class Trainer:
             vision["mm_token_type_ids"] = token_types(input_ids, self.model.config)
 
     def _optimizer_step(self) -> float:
+        """Clip, step, clear; a non-finite gradient norm (the same on every rank: it is the
+        all-reduced total) clears the gradients and raises before any weight changes."""
         clip = self.config.train.optm_grad_norm_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = float(full_tensor(grad_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"optimizer step {self.scheduler.last_epoch + 1}: the gradient norm is {norm} (a "
+                "non-finite loss, reward or advantage); the update was not applied"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(full_tensor(grad_norm))
+        return norm
 
     def _all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.env.world_size == 1:

@@ -189,7 +189,12 @@ class PolicyWorker:
 
     def _serve(self) -> None:
         while True:
-            for command in self.plane.read_next(self.keys.policy_commands, block_ms=1000):
+            commands = self.plane.read_next(self.keys.policy_commands, block_ms=1000)
+            # A background sync's error is raised here too, not only after the next command:
+            # an idle policy (waiting for rollouts that the failed sync holds up) would
+            # otherwise keep it stored while the run hangs.
+            self._check_sync()
+            for command in commands:
                 if isinstance(command, Stop):
                     log.info("stopping: %s", command.reason)
                     self.activity.set("stopping", command.reason)

@@ -32,7 +32,8 @@ from gantry.config import GantryConfig
 from gantry.data.plugin import load_dataset_script
 from gantry.launch.placement import rollout_dtype
 from gantry.run.activity import Activity
-from gantry.run.runtime import Heartbeat, RunInfo, host_name
+from gantry.run.deadline import Watchdog
+from gantry.run.runtime import Heartbeat, RunInfo, host_name, report_failure
 from rollout.engine import Completion, RolloutEngine, SamplingSettings
 from rollout.prompts import PromptBuilder
 
@@ -91,6 +92,11 @@ class RolloutWorker:
         self.stopping = False
         # What this replica does now (published with the heartbeat; idle time for the metrics).
         self.activity = Activity("rollout", replica, host=host_name())
+        # A reward function that never returns (a hung HTTP call) would keep the heartbeat
+        # alive while nothing is scored: past rollout.reward_timeout the replica stops, named.
+        self.watchdog = Watchdog(
+            on_expiry=lambda text: report_failure("rollout", replica, info, f"stuck: {text}")
+        )
 
     def run(self) -> None:
         self.plane.ensure_group(self.prompts, GROUP)
@@ -229,12 +235,23 @@ class RolloutWorker:
             )
         )
         scores = []
+        timeout = self.config.rollout.reward_timeout
         for task, outs in zip(tasks, completions, strict=True):
             sample = self.samples[task.index]
+
+            def guard(name: str, task: PromptTask = task):
+                return self.watchdog.limit(
+                    timeout,
+                    lambda: (
+                        f"reward function {name} on sample {task.index} (prompt "
+                        f"{task.prompt_id}; rollout.reward_timeout = {timeout:g})"
+                    ),
+                )
+
             group = []
             for _ in outs:
                 text = next(texts)
-                group.append((text, self.script.score_parts(text, sample, task.index)))
+                group.append((text, self.script.score_parts(text, sample, task.index, guard)))
             scores.append(group)
         return scores
 

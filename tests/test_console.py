@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from gantry.config import ConfigError
+from gantry.data.plugin import DatasetScriptError
 from gantry.launch import lifeline, outcome
 from gantry.launch.attempt import ControllerRestarts, StopSignals
 from gantry.launch.console import cause_of, is_gantry_line
+from gantry.run.errors import NonFiniteError
 from gantry.run.runtime import EXIT_BAD_INPUT, FATAL_FILE, is_deterministic, record_fatal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +86,9 @@ def test_which_errors_a_retry_would_meet_again():
     assert not is_deterministic(FileNotFoundError("words.txt"), started=True)
     assert not is_deterministic(RuntimeError("CUDA out of memory"), started=False)
     assert not is_deterministic(ConnectionError("redis"), started=False)
+    # The script's code raising, a bad sample, a non-finite value: at any time.
+    assert is_deterministic(DatasetScriptError("reward fn raised on sample 7"), started=True)
+    assert is_deterministic(NonFiniteError("grad norm nan"), started=True)
     restart = ControllerRestarts(most=3)
     assert not restart("controller", EXIT_BAD_INPUT)  # a controller with bad input stays down
     assert restart("controller", 1)

@@ -425,3 +425,16 @@ def test_each_rank_writes_its_rows_even_when_it_has_none(tmp_path):
     assert set(loaded) == set(expected)
     for name, tensor in expected.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_a_non_finite_weight_is_never_written(tmp_path):
+    from gantry.run.errors import NonFiniteError
+
+    state = {"w": torch.tensor([1.0, float("nan")]), "ids": torch.arange(2)}
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+    files = ShardFiles(tmp_path / "out", plan_shards(specs, max_shard_bytes=64))
+    files.create()
+    files.write("ids", state["ids"])  # integers are never checked
+    with pytest.raises(NonFiniteError, match="export: w holds NaN"):
+        files.write("w", state["w"])
+    files.abandon()

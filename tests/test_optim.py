@@ -55,3 +55,26 @@ def test_train_epsilon_is_the_optimizer_eps():
         steps[eps] = -param.item()
     assert steps[1e-8] == pytest.approx(0.1, rel=1e-5)
     assert steps[1.0] == pytest.approx(0.1 / 2, rel=1e-3)  # bias-corrected sqrt(v) = 1
+
+
+def test_a_non_finite_gradient_is_never_applied():
+    """The trainer's optimizer step refuses a NaN/inf gradient norm before any weight moves,
+    and clears the gradients; the error ends the run rather than restarting it."""
+    from types import SimpleNamespace
+
+    from gantry.run.errors import NonFiniteError
+    from gantry.run.runtime import is_deterministic
+    from policy.trainer import Trainer
+
+    config = load_config(None, ['train.optm_impl="for-loop"'])
+    model = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(model.parameters(), config.train)
+    scheduler = build_scheduler(optimizer, config.train, total_steps=4)
+    model(torch.tensor([[float("inf"), 1.0]])).sum().backward()
+    trainer = SimpleNamespace(config=config, model=model, optimizer=optimizer, scheduler=scheduler)
+    with pytest.raises(NonFiniteError, match="optimizer step 1: the gradient norm is") as info:
+        Trainer._optimizer_step(trainer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert is_deterministic(info.value, started=True)

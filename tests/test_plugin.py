@@ -71,12 +71,27 @@ def test_reward_must_return_a_number(tmp_path):
         loaded.score("1", loaded.load_samples({})[0], 0)
 
 
+@pytest.mark.parametrize("value", ["float('inf')", "-float('inf')", "float('nan')"])
+def test_a_non_finite_reward_is_refused_naming_function_and_sample(tmp_path, value):
+    """One inf reward would make the advantages, the loss and then every weight NaN."""
+    from gantry.run.runtime import is_deterministic
+
+    body = GOOD.replace('return float(completion.strip() == sample["answer"])', f"return {value}")
+    loaded = load_dataset_script(script(tmp_path, body))
+    with pytest.raises(DatasetScriptError, match="finite float") as info:
+        loaded.score("1", loaded.load_samples({})[1], 1)
+    assert "reward function exact" in str(info.value) and "sample 1" in str(info.value)
+    assert is_deterministic(info.value, started=True)  # the run ends, no restart
+
+
 @pytest.mark.parametrize(
     "dataset, message",
     [
         ("[]", "no samples"),
         ("[{'text': 'x'}]", "'messages'"),
         ("42", "no len"),
+        ("{'a': {'prompt': 'x'}}", "returned a dict; return a list of samples"),
+        ("'say 1'", "returned a str"),
         ("1/0", "ZeroDivisionError"),
     ],
 )

@@ -8,6 +8,7 @@ The transfer over these groups is in `gantry.comm.weights`.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,14 +86,34 @@ def create_group(
 
 
 def connect_store(host: str, port: int, *, host_it: bool, timeout_s: float) -> dist.Store:
-    """The sync store: policy rank 0 hosts it, every other member connects to it."""
+    """The sync store: policy rank 0 hosts it, every other member connects to it.
+
+    The host listens on `host` only (127.0.0.1 in a single-node run), not on every interface
+    as a TCPStore does by itself: it is handed a socket already bound there."""
+    listen_fd = _listening_socket(host, port) if host_it else None
     return dist.TCPStore(
         host,
         port,
         is_master=host_it,
         timeout=timedelta(seconds=timeout_s),
         wait_for_workers=False,
+        master_listen_fd=listen_fd,
     )
+
+
+def _listening_socket(host: str, port: int) -> int:
+    """A TCP socket listening on (host, port); its file descriptor, owned by the store from
+    now on (detached: Python's garbage collector must not close it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
 
 
 def check_in(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -33,10 +34,22 @@ class Delivery:
 PASSWORD_ENV = "GANTRY_REDIS_PASSWORD"
 
 
-def redis_password() -> str | None:
-    """The run's Redis password: from the environment, never from a file or a URL that would
-    be written to the run directory or a log."""
-    return os.environ.get(PASSWORD_ENV) or None
+# The launcher keeps the run's password in RUN_DIR/redis.secret (mode 0600), for the commands
+# a user runs from another shell (`python -m gantry status RUN_DIR`); the run's own processes
+# get it in their environment only.
+SECRET_FILE = "redis.secret"
+
+
+def redis_password(run_dir: str | os.PathLike | None = None) -> str | None:
+    """The run's Redis password: from the environment, else (given the run directory) from its
+    secret file; never from a URL, which is written to run.json and logs."""
+    password = os.environ.get(PASSWORD_ENV)
+    if password or run_dir is None:
+        return password or None
+    try:
+        return (Path(run_dir) / SECRET_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 class ControlPlane:

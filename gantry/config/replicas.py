@@ -184,6 +184,13 @@ class RolloutConfig(BaseModel):
         description="Prompts handed to the engine in one generate call. The controller keeps "
         "up to twice as many queued at each replica, so the next call is ready when one ends.",
     )
+    reward_timeout: StrictFloat = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds one reward function call may take. Past it the rollout replica "
+        "reports the function and the sample and stops, handled like a dead replica (its prompts "
+        "go to the others); 0: no limit.",
+    )
     gpu_memory_utilization: float = Field(
         default=0.8,
         gt=0,

@@ -20,16 +20,20 @@ import importlib.util
 import math
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gantry.run.errors import RecursOnRetry
+
 _MODULE_NAME = "gantry_dataset_script"
 
 
-class DatasetScriptError(ValueError):
-    pass
+class DatasetScriptError(RecursOnRetry, ValueError):
+    """The dataset script cannot be used, or its code raised, or it returned what a run cannot
+    take: the same script on the same data fails again, so a run does not restart on it."""
 
 
 @dataclass
@@ -54,6 +58,13 @@ class DatasetScript:
 
     def _call(self, name: str, fn: Callable, custom: dict) -> Sequence[Any]:
         samples = call_user_code(f"{self.path}: {name}", fn, custom)
+        if isinstance(samples, Mapping | str | bytes):  # has len(), but [0] is no sample
+            raise DatasetScriptError(
+                f"{self.path}: {name} returned a {type(samples).__name__}; return a list of "
+                "samples (dicts with 'messages' or 'prompt') or a torch Dataset"
+                + (" (the dict's values, list(d.values()), may be what you meant)"
+                   if isinstance(samples, Mapping) else "")
+            )  # fmt: skip
         try:
             size = len(samples)
         except TypeError as exc:
@@ -79,24 +90,38 @@ class DatasetScript:
             names.append(name if name not in names else f"{name}_{len(names) + 1}")
         return names
 
-    def score_parts(self, completion: str, sample: Any, index: int) -> list[float]:
-        """Each reward function's value for one completion, in `reward_fns` order."""
+    def score_parts(
+        self,
+        completion: str,
+        sample: Any,
+        index: int,
+        guard: Callable[[str], AbstractContextManager] | None = None,
+    ) -> list[float]:
+        """Each reward function's value for one completion, in `reward_fns` order; each call
+        runs inside `guard(function name)` when given (a deadline)."""
         parts = []
         for fn in self.reward_fns:
             name = getattr(fn, "__name__", repr(fn))
-            value = call_user_code(
-                f"{self.path}: reward function {name}",
-                fn,
-                completion,
-                sample,
-                detail=lambda: (
-                    f"  on sample {index}: {_short(sample)}\n  completion: {completion!r:.200}\n"
-                ),
-            )
-            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            with guard(name) if guard is not None else nullcontext():
+                value = call_user_code(
+                    f"{self.path}: reward function {name}",
+                    fn,
+                    completion,
+                    sample,
+                    detail=lambda: (
+                        f"  on sample {index}: {_short(sample)}\n"
+                        f"  completion: {completion!r:.200}\n"
+                    ),
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DatasetScriptError(
                     f"{self.path}: reward function {name} returned {value!r} on sample {index}; "
                     "it must return a float"
+                )
+            if not math.isfinite(value):  # one inf or NaN reward makes every weight NaN
+                raise DatasetScriptError(
+                    f"{self.path}: reward function {name} returned {value!r} on sample {index} "
+                    f"(completion {completion!r:.80}); a reward must be a finite float"
                 )
             parts.append(float(value))
         return parts

@@ -49,6 +49,12 @@ from gantry.launch.multinode import Cluster, join_run, publish_run
 from gantry.launch.nodes import NodePlanError
 from gantry.launch.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
 from gantry.launch.redis_server import RedisServer, RedisServerError, free_port
+from gantry.launch.run_secret import (
+    check_configured_redis,
+    ensure_password,
+    take_password_out_of_url,
+    write_secret,
+)
 from gantry.models.tiny import BUILTIN_MODELS
 from gantry.run import checkpoints
 from gantry.run.runtime import RunInfo, groups_per_step, planned_steps
@@ -181,6 +187,9 @@ def launch(args: argparse.Namespace) -> int:
         return join_run(config, cluster, args.connect_timeout)
     output_dir = Path(config.train.output_dir).resolve()
     try:
+        take_password_out_of_url(config)  # before config.json is written
+        if config.redis.url:  # usable, before anything is made or started
+            check_configured_redis(config.redis.url, redis_password())
         model_path = resolve_model(config.policy.model_name_or_path, output_dir)
         check_model_exists(model_path)
         check_model_fits(config, model_path)
@@ -236,13 +245,18 @@ def run(config, info: RunInfo, cluster: Cluster, console: Console | None = None)
     outcome.clear_stale(run_dir)
     redis_server = None
     url = config.redis.url
+    # An embedded Redis always has a password (gantry.launch.run_secret); a configured one
+    # has the one given, if any.
+    password = redis_password() if url else ensure_password()
+    if password:
+        write_secret(run_dir, password)
     if not url:
         redis_server = RedisServer(
             run_dir / "redis",
             cluster.redis_port or config.redis.port,
             config.redis.executable,
             bind=cluster.redis_bind,
-            password=redis_password(),
+            password=password,
             die_with_parent=True,
         )
         try:

@@ -25,9 +25,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.comm.protocol import Keys, WorkerFailed
-from gantry.comm.transport import ControlPlane
+from gantry.comm.transport import PASSWORD_ENV, ControlPlane, redis_password
 from gantry.config import ConfigError, GantryConfig, read_resolved_config
 from gantry.run.activity import Activity
+from gantry.run.errors import RecursOnRetry
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 30.0
@@ -133,6 +134,10 @@ def _core_list(text: str) -> set[int]:
 
 
 def load_run(run_dir: str) -> tuple[GantryConfig, RunInfo]:
+    """The run's config and facts. A worker started by hand (a late rollout replica on this
+    machine) that has no GANTRY_REDIS_PASSWORD takes the run's from RUN_DIR/redis.secret."""
+    if not os.environ.get(PASSWORD_ENV) and (password := redis_password(run_dir)):
+        os.environ[PASSWORD_ENV] = password
     return read_resolved_config(Path(run_dir) / "config.json"), RunInfo.read(run_dir)
 
 
@@ -174,17 +179,23 @@ def run_worker(role: str, replica: str, info: RunInfo, body: Callable[[], None])
         recurs = is_deterministic(exc, started=_started.is_set())
         if recurs:
             record_fatal(info, f"{role}{replica}", error)
-        # The line the launcher quotes as the cause (gantry.launch.console.cause_of).
-        logging.getLogger(f"gantry.{role}").error("%s %s failed: %s", role, replica, error)
-        plane = ControlPlane(info.redis_url)
-        plane.send(info.keys.events, WorkerFailed(role=role, replica=replica, error=error))
-        plane.close()
-        sys.stdout.flush()
+        report_failure(role, replica, info, error)
         os._exit(EXIT_BAD_INPUT if recurs else 1)  # engine threads (vLLM) must not keep it alive
 
 
-# Errors that say the config is wrong: whenever they happen, a retry meets them again.
-ALWAYS_RECUR = (ConfigError,)
+def report_failure(role: str, replica: str, info: RunInfo, error: str) -> None:
+    """Say why this worker stops: the line the launcher quotes as the cause
+    (gantry.launch.console.cause_of), and WorkerFailed to the controller."""
+    logging.getLogger(f"gantry.{role}").error("%s %s failed: %s", role, replica, error)
+    plane = ControlPlane(info.redis_url)
+    plane.send(info.keys.events, WorkerFailed(role=role, replica=replica, error=error))
+    plane.close()
+    sys.stdout.flush()
+
+
+# Errors that say the config or the inputs are wrong (a dataset script's code raising, a bad
+# sample, a non-finite reward or gradient): whenever they happen, a retry meets them again.
+ALWAYS_RECUR = (ConfigError, RecursOnRetry)
 # Errors that, before a worker is up (its heartbeat runs, it registers right after), come from
 # the config, the files or the code it was given, not from the machine (out of memory, a
 # network, a peer): retried, the worker would fail the same way. A broken dataset script

@@ -94,16 +94,22 @@ class RunStatus:
         return next((p for p in self.processes if (p.role, p.replica) == (role, replica)), None)
 
 
-def connect(url: str) -> redis.Redis:
-    """A client of the run's Redis, or StatusError naming the URL and the likely fix."""
+def connect(url: str, run_dir: str | Path | None = None) -> redis.Redis:
+    """A client of the run's Redis, or StatusError naming the URL and the likely fix. The
+    password: the environment's, else the run directory's secret file (the launcher's)."""
     client = redis.Redis.from_url(
-        url, password=redis_password(), protocol=2, socket_connect_timeout=3, socket_timeout=5
+        url,
+        password=redis_password(run_dir),
+        protocol=2,
+        socket_connect_timeout=3,
+        socket_timeout=5,
     )
     try:
         client.ping()
     except redis.AuthenticationError:
         raise StatusError(
-            f"the run's Redis at {url} refused the password: set {PASSWORD_ENV} as for the run"
+            f"the run's Redis at {url} refused the password: set {PASSWORD_ENV} as for the run "
+            "(or read RUN_DIR/redis.secret, which the launcher writes)"
         ) from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StatusError(
@@ -116,7 +122,7 @@ def connect(url: str) -> redis.Redis:
 def open_run(run_dir: str | Path) -> redis.Redis:
     """A client of the run's Redis; RunOver once result.json exists, StatusError when there
     is no run or its Redis cannot be reached."""
-    return connect(_run_info(Path(run_dir)).redis_url)
+    return connect(_run_info(Path(run_dir)).redis_url, run_dir)
 
 
 def _run_info(run_dir: Path) -> RunInfo:
