@@ -17,6 +17,7 @@ import toml
 from PIL import Image
 
 from gantry.config import config_to_toml, load_config
+from tests.test_cosmos_scripts import TRANSFORMING  # refused: it changes the prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,18 +148,6 @@ if __name__ == "__main__":
     val = CustomDataset(config, data["val_annotation_path"], data["media_path"], custom["vision"])
     print(dataset[0])
     cosmos_rl.launcher.worker_entry.main(dataset=dataset, val_dataset=val)
-"""
-
-TRANSFORMING = """
-from cosmos_rl.dispatcher.data.packer import DataPacker
-from cosmos_rl.launcher.worker_entry import main as launch_worker
-
-class Upper(DataPacker):
-    def get_rollout_input(self, item):
-        return item.upper()
-
-if __name__ == "__main__":
-    launch_worker(dataset=["a"], reward_fns=[lambda c, r: 0.0], data_packer=Upper())
 """
 
 

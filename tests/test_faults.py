@@ -41,10 +41,9 @@ POISONED = textwrap.dedent(
     ("bad", "said"),
     [
         ('return float("inf")', "returned inf on sample"),
-        ('return float("nan")', "returned nan on sample"),
         ("raise KeyError('label')", "KeyError"),
     ],
-    ids=["inf", "nan", "raises"],
+    ids=["inf", "raises"],  # NaN: tests/test_plugin.py (the same check)
 )
 def test_a_bad_reward_at_a_later_sample_ends_the_run_at_once(tmp_path, bad, said):
     script = tmp_path / "poisoned.py"

@@ -52,6 +52,28 @@ def redis_password(run_dir: str | os.PathLike | None = None) -> str | None:
         return None
 
 
+def reach(
+    url: str, password: str | None, *, timeout_s: float = 5.0
+) -> tuple[redis.Redis, tuple[str, str] | None]:
+    """A client of the Redis at `url`, and why it cannot be used: ("refused", detail) when the
+    server refuses the password (or its absence), ("unreachable", detail) when it cannot be
+    reached, None when it answers."""
+    client = redis.Redis.from_url(
+        url,
+        password=password,
+        protocol=2,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+    )
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        return client, ("refused", str(exc))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return client, ("unreachable", str(exc))
+    return client, None
+
+
 class ControlPlane:
     def __init__(self, url: str) -> None:
         self.url = url

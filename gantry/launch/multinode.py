@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from gantry.comm.transport import PASSWORD_ENV, ControlPlane, redis_password
+from gantry.comm.transport import PASSWORD_ENV, ControlPlane, reach, redis_password
 from gantry.config import write_resolved_config
 from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processes, say
 from gantry.launch.nodes import Placed, node_plan
@@ -141,23 +141,22 @@ def join_run(config, cluster: Cluster, timeout_s: float) -> int:
 def _reach(url: str, timeout_s: float) -> ControlPlane:
     deadline = time.monotonic() + timeout_s
     while True:
-        plane = ControlPlane(url)
-        try:
-            plane.redis.ping()
-            return plane
-        except redis.AuthenticationError as exc:
+        client, problem = reach(url, redis_password(), timeout_s=10.0)
+        client.close()
+        if problem is None:
+            return ControlPlane(url)
+        kind, detail = problem
+        if kind == "refused":
             raise LaunchError(
                 f"the run's Redis at {url} refused {PASSWORD_ENV}: give every node the same "
-                f"password ({exc})"
-            ) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            plane.close()
-            if time.monotonic() > deadline:
-                raise LaunchError(
-                    f"cannot reach the run's Redis at {url} after {timeout_s:.0f}s ({exc}): is "
-                    "node 0 up, and is --controller its address as this node reaches it?"
-                ) from None
-            time.sleep(1.0)
+                f"password ({detail})"
+            )
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"cannot reach the run's Redis at {url} after {timeout_s:.0f}s ({detail}): is "
+                "node 0 up, and is --controller its address as this node reaches it?"
+            )
+        time.sleep(1.0)
 
 
 def _published_run(plane: ControlPlane, key: str, timeout_s: float, after: int) -> RunInfo:

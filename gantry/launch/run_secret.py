@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from gantry.comm.transport import PASSWORD_ENV, SECRET_FILE
+from gantry.comm.transport import PASSWORD_ENV, SECRET_FILE, reach
 from gantry.launch.placement import LaunchError
 
 
@@ -63,23 +63,18 @@ def write_secret(run_dir: Path, password: str) -> Path:
 def check_configured_redis(url: str, password: str | None) -> None:
     """LaunchError in one line when the Redis of `redis.url` cannot be used: unreachable, or
     refusing the password (or its absence); checked before anything starts."""
-    import redis
-
-    client = redis.Redis.from_url(
-        url, password=password, protocol=2, socket_connect_timeout=5, socket_timeout=5
-    )
+    client, problem = reach(url, password)
+    client.close()
+    if problem is None:
+        return
+    kind, detail = problem
     tried = f"with the password of {PASSWORD_ENV}" if password else "without a password"
-    try:
-        client.ping()
-    except redis.AuthenticationError as exc:
+    if kind == "refused":
         raise LaunchError(
-            f"redis.url = {url}: the server refused the connection {tried} ({exc}): set "
+            f"redis.url = {url}: the server refused the connection {tried} ({detail}): set "
             f"{PASSWORD_ENV} (or the URL's password) to the server's"
-        ) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise LaunchError(
-            f"redis.url = {url}: cannot connect ({exc}): start that server, or remove "
-            "redis.url to use the embedded one"
-        ) from None
-    finally:
-        client.close()
+        )
+    raise LaunchError(
+        f"redis.url = {url}: cannot connect ({detail}): start that server, or remove "
+        "redis.url to use the embedded one"
+    )

@@ -22,7 +22,7 @@ import redis
 
 from gantry.comm.protocol import Keys, SyncPlan
 from gantry.comm.sync_status import member_names, read_check_ins
-from gantry.comm.transport import PASSWORD_ENV, redis_password
+from gantry.comm.transport import PASSWORD_ENV, reach, redis_password
 from gantry.run.activity import decode_heartbeat
 from gantry.run.runtime import HEARTBEAT_TTL_S, RunInfo
 
@@ -97,26 +97,19 @@ class RunStatus:
 def connect(url: str, run_dir: str | Path | None = None) -> redis.Redis:
     """A client of the run's Redis, or StatusError naming the URL and the likely fix. The
     password: the environment's, else the run directory's secret file (the launcher's)."""
-    client = redis.Redis.from_url(
-        url,
-        password=redis_password(run_dir),
-        protocol=2,
-        socket_connect_timeout=3,
-        socket_timeout=5,
-    )
-    try:
-        client.ping()
-    except redis.AuthenticationError:
+    client, problem = reach(url, redis_password(run_dir))
+    if problem is None:
+        return client
+    kind, detail = problem
+    if kind == "refused":
         raise StatusError(
             f"the run's Redis at {url} refused the password: set {PASSWORD_ENV} as for the run "
             "(or read RUN_DIR/redis.secret, which the launcher writes)"
-        ) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StatusError(
-            f"the run's Redis at {url} is unreachable ({exc}): the run is not running, "
-            "or this machine cannot reach it"
-        ) from None
-    return client
+        )
+    raise StatusError(
+        f"the run's Redis at {url} is unreachable ({detail}): the run is not running, "
+        "or this machine cannot reach it"
+    )
 
 
 def open_run(run_dir: str | Path) -> redis.Redis:
