@@ -118,6 +118,7 @@ def test_stop_all_kills_a_stopped_grandchild_in_another_session(tmp_path):
     assert not lifeline.is_alive(grandchild)
 
 
+@pytest.mark.slow
 def test_a_child_whose_heartbeat_lapsed_is_killed_with_what_it_started(tmp_path, capsys):
     """A hung (here SIGSTOPped) rollout replica is killed, its tree too, and then counts as
     lost like one that died; the run goes on with the others."""

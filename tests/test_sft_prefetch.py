@@ -87,6 +87,7 @@ def test_workers_give_the_inline_micro_batches_for_images(tiny_vlm, tmp_path):
         steps.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_bad_sample_fails_the_step_that_takes_it(tiny_llm):
     samples = [chat("q", "a"), {"id": "q7", "messages": [{"role": "user", "content": "hi"}]}]
@@ -121,6 +122,7 @@ def get_dataset(config):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_torch_dataset_of_the_script_reaches_the_encoder_processes(tiny_llm, tmp_path):
     """The script is imported as gantry_dataset_script, a name spawned processes cannot import:
