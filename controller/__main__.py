@@ -32,7 +32,7 @@ def main() -> None:
     except RunFailed as exc:  # the process boundary: one clear line for the launcher
         log.error("run failed: %s", exc)
         sys.exit(EXIT_RUN_FAILED)
-    except (*ALWAYS_RECUR, *RECUR_AT_START) as exc:
+    except (*ALWAYS_RECUR, *RECUR_AT_START, OSError) as exc:  # OSError: a full disk
         if not is_deterministic(exc, started=started):
             raise  # the controller's own death: the launcher starts it again
         error = f"{type(exc).__name__}: {exc}"

@@ -35,7 +35,8 @@ from gantry.comm.protocol import (
 from gantry.comm.transport import ControlPlane, Delivery
 from gantry.config import GantryConfig
 from gantry.run import checkpoints
-from gantry.run.runtime import RunInfo, groups_per_step, planned_steps
+from gantry.run.deadline import lapsed_or_overdue
+from gantry.run.runtime import HEARTBEAT_TTL_S, RunInfo, groups_per_step, planned_steps
 
 __all__ = ["GROUP", "Controller", "RunFailed"]
 log = logging.getLogger("gantry.controller")
@@ -75,6 +76,7 @@ class Controller:
         except trackers.TrackerError as exc:
             raise RunFailed(str(exc)) from None
         self._last_heartbeat_check = 0.0
+        self._last_seen: dict[tuple[str, str], dict | None] = {}  # each worker's last heartbeat
 
     @property
     def state(self) -> ControllerState:
@@ -149,16 +151,27 @@ class Controller:
         log.info("starting with %s", sorted(self.state.registered))
 
     def _check_heartbeats(self) -> None:
+        """A worker whose heartbeat lapsed (a process stopped as a whole: SIGSTOP, a lost
+        node), or whose heartbeat says it is past the deadline of what it does (its own
+        watchdog should have ended it: gantry.run.deadline), is lost: named with what it was
+        doing. A rollout replica is dropped, a policy replica fails the run (it restarts)."""
         now = time.monotonic()
         if now - self._last_heartbeat_check < HEARTBEAT_CHECK_S:
             return
         self._last_heartbeat_check = now
-        for role, replica in sorted(self.state.registered):
-            if self.context.plane.alive(self.context.keys.heartbeat(role, replica)):
+        workers = sorted(self.state.registered)
+        keys = [self.context.keys.heartbeat(role, replica) for role, replica in workers]
+        values = self.context.plane.redis.mget(keys) if keys else []
+        for worker, value in zip(workers, values, strict=True):
+            self._last_seen.setdefault(worker, None)  # registered: it was up
+            # One TTL past its deadline: after its own watchdog's turn, before the launcher's.
+            why = lapsed_or_overdue(self._last_seen, worker, value, grace_s=HEARTBEAT_TTL_S)
+            if not why:
                 continue
+            role, replica = worker
             if role == "policy":
-                raise RunFailed(f"{role} replica {replica} stopped sending heartbeats")
-            self.plan.worker_lost(role, replica, "stopped sending heartbeats")
+                raise RunFailed(f"{role} replica {replica} {why}")
+            self.plan.worker_lost(role, replica, why)
 
     # ---- the journal: surviving a controller restart ---------------------------------
 

@@ -34,6 +34,8 @@ from gantry.comm.transport import Delivery
 from gantry.launch.redis_server import free_port
 
 log = logging.getLogger("gantry.controller")
+# DAPO's queue: passes over the dataset it may draw from to fill the planned steps.
+DAPO_EPOCHS = 1_000_000
 
 
 class GRPOPlan:
@@ -49,8 +51,14 @@ class GRPOPlan:
             timeout_s=config.rollout.weight_sync_timeout,
         )
         self.n_rollout_replicas = config.rollout.parallelism.n_init_replicas
-        max_staleness = config.train.train_policy.allowed_outdated_steps
-        self.buffer = RolloutBuffer(run.groups_per_step, max_staleness)
+        policy = config.train.train_policy
+        self.dapo = policy.variant == "dapo"
+        self.max_retry = policy.max_retry_for_on_policy
+        self.buffer = RolloutBuffer(run.groups_per_step, policy.allowed_outdated_steps, self.dapo)
+        if self.dapo:
+            # Dropped prompts are replaced by the next ones, from further passes over the
+            # dataset when needed: the run trains its planned steps, each batch full.
+            run.queue.epochs = max(run.queue.epochs, DAPO_EPOCHS)
         self.clock = grpo_metrics.StepClock()
 
     def describe(self) -> str:
@@ -157,6 +165,10 @@ class GRPOPlan:
         run.out.send(run.keys.policy_commands, TrainBatch(step=step, groups=groups))
         staleness = [state.version - g.policy_version for g in groups]
         metrics = grpo_metrics.rollout_metrics(groups, staleness, self.buffer.max_staleness)
+        if self.dapo:
+            dropped = self.buffer.stats.dropped_since_batch
+            metrics.update(grpo_metrics.dynamic_sampling_metrics(len(groups), dropped))
+            self.buffer.stats.dropped_since_batch = []
         state.in_flight = RolloutBatch(
             sent=time.monotonic(),
             reward_mean=metrics["reward_mean"],
@@ -168,6 +180,28 @@ class GRPOPlan:
         if run.logs_step(step):  # sent with the batch: a restart cannot log them twice
             rows = grpo_metrics.sample_rows(groups[: grpo_metrics.SAMPLES_PER_LOG])
             run.out.append("samples", {"step": step, "samples": rows})
+
+    def _check_draw_bound(self) -> None:
+        """DAPO: a step may draw max_retry_for_on_policy x its groups (<= 0: a pass over the
+        dataset, so that a task where every group is equal stops rather than loops)."""
+        run, size = self.run, self.run.groups_per_step
+        dropped = len(self.buffer.stats.dropped_since_batch)
+        bound = self.max_retry * size if self.max_retry > 0 else None
+        limit = bound - size if bound is not None else max(run.queue.dataset_size, size)
+        if dropped <= limit:
+            return
+        step = run.state.steps_sent + 1
+        how = (
+            f"train.train_policy.max_retry_for_on_policy = {self.max_retry} allows {bound} "
+            "per step: raise it (<= 0: no bound)"
+            if bound is not None
+            else "a whole pass over the dataset gave no group with different rewards"
+        )
+        raise RunFailed(
+            f"DAPO dynamic sampling: step {step} drew {dropped + len(self.buffer)} groups and "
+            f"dropped {dropped} whose completions all got the same reward, and its batch of "
+            f"{size} is not full; {how}. Check the reward functions, or use variant = 'grpo'"
+        )
 
     def _retry(self, items: list[tuple[RolloutGroup, str]]) -> None:
         if not items:
@@ -203,6 +237,10 @@ class GRPOPlan:
         outcome = self.buffer.add(message, delivery.entry_id, self.run.state.version)
         if outcome == "accepted":  # acknowledged when its batch is sent
             self.run.out.mark("seen", message.prompt_id)
+        elif outcome == "dropped":  # DAPO: visited, never trained nor retried
+            self.run.out.mark("seen", message.prompt_id)
+            self.run.out.ack(delivery.stream, GROUP, [delivery.entry_id])
+            self._check_draw_bound()
         elif outcome == "stale":
             self._retry([(message, delivery.entry_id)])
         elif outcome == "duplicate":
@@ -345,6 +383,7 @@ class GRPOPlan:
             "reward_mean_last_10": statistics.fmean(tail) if tail else None,
             "dropped_stale": self.buffer.stats.dropped_stale,
             "duplicates": self.buffer.stats.duplicates,
+            "dapo_groups_dropped": self.buffer.stats.dropped_equal,
             "final_export": state.final_export,
             "resumed_from": self.run.info.resume_from or None,
             "uploads": state.uploads,

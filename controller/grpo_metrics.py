@@ -78,6 +78,39 @@ def rollout_metrics(
         "scoring_seconds": math.fsum(g.scoring_seconds for g in groups),
     }
     metrics.update(reward_function_means(groups))
+    metrics.update(shaping_metrics(groups))
+    return metrics
+
+
+def dynamic_sampling_metrics(kept: int, dropped: Sequence[str]) -> dict[str, float | list]:
+    """DAPO: the groups drawn for the step (its batch's and those dropped since the previous
+    batch for equal rewards), the dropped ones and their prompt ids (the audit trail)."""
+    return {
+        "dapo_groups_drawn": kept + len(dropped),
+        "dapo_groups_dropped": len(dropped),
+        "dropped_prompt_ids": list(dropped),
+    }
+
+
+def shaping_metrics(groups: Sequence[RolloutGroup]) -> dict[str, float]:
+    """`overlong_penalised_fraction` (when the 'overlong' reward part is there) and
+    `reward_info/<key>`: the mean of each numeric info value the reward functions returned."""
+    metrics: dict[str, float] = {}
+    penalties = [
+        s.reward_parts[g.reward_names.index("overlong")]
+        for g in groups
+        if "overlong" in g.reward_names
+        for s in g.samples
+    ]
+    if penalties:
+        metrics["overlong_penalised_fraction"] = _mean([p < 0 for p in penalties])
+    values: dict[str, list[float]] = {}
+    for group in groups:
+        for sample in group.samples:
+            for key, value in sample.reward_info.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    values.setdefault(f"reward_info/{key}", []).append(value)
+    metrics.update({key: _mean(v) for key, v in values.items()})
     return metrics
 
 
@@ -110,6 +143,8 @@ def sample_rows(groups: Sequence[RolloutGroup]) -> list[dict]:
                     "advantage": advantage,
                     "policy_version": group.policy_version,
                     "finish_reason": sample.finish_reason,
+                    # Flat scalar columns: the trackers' tables take no nested values.
+                    **{f"reward_info/{k}": v for k, v in sample.reward_info.items()},
                 }
             )
     return rows

@@ -23,6 +23,7 @@ from typing import Any
 
 from gantry.comm.protocol import Keys
 from gantry.comm.transport import ControlPlane, Delivery, entry_fields
+from gantry.run.checkpoints import append_whole, trim_partial_line
 
 
 class Outbox:
@@ -110,15 +111,18 @@ def load_set(plane: ControlPlane, keys: Keys, name: str) -> set[str]:
 
 
 def lines_in(path: Path) -> int:
+    """The whole lines of `path` (a partial last line is not one)."""
     if not path.exists():
         return 0
     with path.open("rb") as f:
-        return sum(1 for _ in f)
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def catch_up_mirror(plane: ControlPlane, keys: Keys, name: str, path: Path, base: int) -> None:
     """Append the records of the list `name` that `path` lacks: the file held `base` lines
-    (an earlier attempt's) when the list was empty."""
+    (an earlier attempt's) when the list was empty. A partial last line (a writer killed in
+    the middle of one) is cut off first: the record it began is written again whole."""
+    trim_partial_line(path)
     have = lines_in(path) - base
     missing = plane.redis.lrange(keys.journal(name), max(have, 0), -1)
     if missing:
@@ -126,8 +130,9 @@ def catch_up_mirror(plane: ControlPlane, keys: Keys, name: str, path: Path, base
 
 
 def _append_lines(path: Path, lines: list[bytes]) -> None:
-    with path.open("ab") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
+    """All of `lines` or none (gantry.run.checkpoints.append_whole): on a full disk the file
+    keeps its whole lines and DiskFullError names it; the records stay in the journal."""
+    append_whole(path, b"".join(line + b"\n" for line in lines))
 
 
 def pending_deliveries(

@@ -78,7 +78,8 @@ class Plan(Protocol):
         """Take a message that is the plan's own (acknowledging it); False: not the plan's."""
 
     def worker_lost(self, role: str, replica: str, why: str) -> None:
-        """A registered worker that is not a policy replica stopped sending heartbeats."""
+        """A registered worker that is not a policy replica is lost: its heartbeat lapsed, or
+        says it is past its deadline (`why` names what it was doing: gantry.run.deadline)."""
 
     def record(self, done: StepDone, batch: InFlightBatch) -> None:
         """The step's metrics record (metrics.jsonl) and history."""

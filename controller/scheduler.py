@@ -2,7 +2,10 @@
 
 `PromptQueue` yields every dataset index once per epoch in a seeded order (or in file order) and takes back
 prompts to retry. `RolloutBuffer` accepts each prompt's result once, drops results older than
-the staleness bound (they go back to the queue), and hands out batches of whole groups.
+the staleness bound (they go back to the queue), and hands out batches of whole groups. With
+DAPO's dynamic sampling (`drop_equal`) it drops a group whose completions all got the same
+reward (no advantage, no gradient): the prompt counts as visited, not trained, and is not
+retried; the plan draws more prompts to fill the batch.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from gantry.comm.protocol import PromptTask, RolloutGroup, prompt_id_parts
 
@@ -82,14 +85,18 @@ class BufferStats:
     accepted: int = 0
     dropped_stale: int = 0
     duplicates: int = 0
+    dropped_equal: int = 0  # DAPO: groups dropped so far for equal rewards
+    # DAPO: the prompts dropped since the last batch was taken (the next step's audit trail).
+    dropped_since_batch: list[str] = field(default_factory=list)
 
 
 class RolloutBuffer:
     """Results waiting for a policy step; each prompt is trained at most once."""
 
-    def __init__(self, groups_per_step: int, max_staleness: int) -> None:
+    def __init__(self, groups_per_step: int, max_staleness: int, drop_equal: bool = False) -> None:
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness
+        self.drop_equal = drop_equal
         self._groups: deque[tuple[RolloutGroup, str]] = deque()
         self._seen: set[str] = set()
         self.stats = BufferStats()
@@ -112,10 +119,11 @@ class RolloutBuffer:
         accepted so far, and its counters."""
         self._groups = deque(groups)
         self._seen = set(seen)
-        self.stats = replace(stats)
+        self.stats = replace(stats, dropped_since_batch=list(stats.dropped_since_batch))
 
     def add(self, group: RolloutGroup, entry_id: str, version: int) -> str:
-        """'accepted', 'stale' (too old: retry the prompt) or 'duplicate' (already have it)."""
+        """'accepted', 'stale' (too old: retry the prompt), 'duplicate' (already have it) or,
+        with drop_equal, 'dropped' (every completion got the same reward: visited, not kept)."""
         if group.prompt_id in self._seen:
             self.stats.duplicates += 1
             return "duplicate"
@@ -123,6 +131,10 @@ class RolloutBuffer:
             self.stats.dropped_stale += 1
             return "stale"
         self._seen.add(group.prompt_id)
+        if self.drop_equal and len({s.reward for s in group.samples}) == 1:
+            self.stats.dropped_equal += 1
+            self.stats.dropped_since_batch.append(group.prompt_id)
+            return "dropped"
         self._groups.append((group, entry_id))
         self.stats.accepted += 1
         return "accepted"

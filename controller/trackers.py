@@ -236,6 +236,7 @@ class Trackers:
         self._wake = threading.Event()
         self._stopping = False
         self._left_out: set[str] = set()
+        self._state_unsaved = False  # the last save of trackers.json failed
         self._thread = threading.Thread(target=self._main, name="trackers", daemon=True)
 
     def start(self) -> None:
@@ -292,7 +293,19 @@ class Trackers:
             # What the trackers cost the controller's process (bench/trackers.py reads it).
             spent = time.thread_time() - started
             self._state["cpu_seconds"] = self._state.get("cpu_seconds", 0.0) + spent
+            self._save_state()
+
+    def _save_state(self) -> None:
+        """trackers.json, the cursor; on a full disk the thread goes on (the cursor is saved
+        at the next pass that can): the controller's own writes report the disk."""
+        try:
             write_json_atomic(self.run_dir / STATE_FILE, self._state)
+        except OSError as exc:
+            if not self._state_unsaved:
+                log.warning("trackers: %s could not be saved: %s", STATE_FILE, exc)
+            self._state_unsaved = True
+        else:
+            self._state_unsaved = False
 
     def _deliver(self, sinks: dict[str, Sink], name: str, line: bytes) -> None:
         try:

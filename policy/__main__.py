@@ -12,9 +12,14 @@ def main() -> None:
     args = parse_worker_args("policy", "Gantry policy (trainer) process")
     setup_logging("policy")
     config, info = load_run(args.run_dir)
-    from policy.worker import PolicyWorker  # torch and transformers load after argument parsing
+    from policy.parallel import join_policy_job  # torch loads after argument parsing
+    from policy.worker import PolicyWorker
 
-    run_worker("policy", args.replica, info, lambda: PolicyWorker(config, info, args.replica).run())
+    def run() -> None:
+        join_policy_job(info)  # the worker's own init_distributed() then finds the group formed
+        PolicyWorker(config, info, args.replica).run()
+
+    run_worker("policy", args.replica, info, run)
     # torch 2.13's gloo can abort at interpreter shutdown ("terminate called without an active
     # exception": its thread frees the last collective's tensors while Python tears down),
     # turning a finished rank into a failed one. Nothing is left to clean up: exit now.

@@ -53,11 +53,13 @@ CPU time training leaves idle rather than training's own.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -70,11 +72,15 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-from gantry.run.checkpoints import COMPLETE, is_complete, write_json_atomic
+from gantry.run import checkpoints as run_files
+from gantry.run.checkpoints import COMPLETE, failed_for_room, is_complete, write_json_atomic
+from gantry.run.errors import DiskFullError, disk_full_error, free_bytes
+from policy.lora import state_dict_options as _options
 
 log = logging.getLogger("gantry.policy")
 
@@ -92,6 +98,7 @@ class _InFlight:
     path: Path
     step: int
     future: Future
+    needed: int  # bytes the save was expected to take (the DiskFullError line says it)
 
 
 def read_done(path: Path) -> dict:
@@ -177,6 +184,18 @@ def _to_bytes(obj: Any) -> io.BytesIO:
 def _from_bytes(buf: io.BytesIO) -> Any:
     buf.seek(0)
     return torch.load(buf, weights_only=False)  # our own pickles: RNG tuples, scheduler state
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a state dict, as this rank holds them (a DTensor's local shard)."""
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0  # the pickled extras: a few kB
 
 
 def rng_state() -> dict[str, Any]:
@@ -273,15 +292,21 @@ class PolicyCheckpointer:
         json.dumps(extra)  # fail here, on the caller's side, if `extra` is not JSON-able
         self._finish_inflight()
         state = self._state_dict(model, optimizer, scheduler, step, extra)
+        needed = self._check_room(path, state)
         if self.rank == 0:
             # A DONE left by an earlier, interrupted save into this directory would claim
             # files that this save is about to overwrite.
             (path / DONE).unlink(missing_ok=True)
         if self.async_mode:
-            self._inflight = _InFlight(path, step, self._start_async_save(path, state))
+            self._inflight = _InFlight(path, step, self._start_async_save(path, state), needed)
         else:
             writer = dcp.FileSystemWriter(path)
-            dcp.save(state, storage_writer=writer, process_group=self._write_group)
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self._write_group)
+            except (OSError, CheckpointException) as exc:
+                if failed_for_room(path, needed, exc):
+                    raise self._disk_full(path, needed) from exc
+                raise
             self._mark_durable(path, step)
         self.last_save_blocking_s = time.perf_counter() - started
 
@@ -318,15 +343,16 @@ class PolicyCheckpointer:
         restore_rng = check_world_size(
             path, done["world_size"], self.world_size, allow_reshard=allow_reshard
         )
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
         # DCP loads tensors in place and replaces the BytesIO placeholders with the saved ones.
         state: dict[str, Any] = {MODEL: model_sd, OPTIMIZER: optim_sd, TRAINER: io.BytesIO()}
         if restore_rng:
             state[RNG] = {f"rank{self.rank}": io.BytesIO()}
         dcp.load(state, checkpoint_id=path, process_group=self._control_group)
         set_state_dict(
-            model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIMIZER]
-        )
+            model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIMIZER],
+            options=_options(model),
+        )  # fmt: skip
         trainer = _from_bytes(state[TRAINER])
         scheduler.load_state_dict(trainer["scheduler"])
         if restore_rng:
@@ -355,7 +381,7 @@ class PolicyCheckpointer:
     # -- internals -------------------------------------------------------------------------
 
     def _state_dict(self, model, optimizer, scheduler, step: int, extra: dict) -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
         trainer = {
             "step": step,
             "extra": extra,
@@ -370,6 +396,30 @@ class PolicyCheckpointer:
             # the DCP files rather than a side file: one writer, one completion, one marker.
             RNG: {f"rank{self.rank}": _to_bytes(rng_state())},
         }
+
+    def _check_room(self, path: Path, state: dict) -> int:
+        """Bytes the save needs, about: the newest complete checkpoint's files of this kind, or
+        (the first save) the state's tensors on all ranks. A collective: when any rank's disk
+        has less free, every rank raises DiskFullError before anything is written."""
+        totals = torch.tensor([_tensor_bytes(state)], dtype=torch.int64)
+        dist.all_reduce(totals, group=self._control_group)
+        needed = int(totals[0])
+        previous = run_files.latest_complete(path.parent.parent)  # path: .../step_N/policy
+        if previous is not None:
+            needed = max(needed, run_files.tree_bytes(previous / path.name))
+        short = torch.tensor([int(needed > free_bytes(path))])
+        dist.all_reduce(short, op=dist.ReduceOp.MAX, group=self._control_group)
+        if short.item():
+            raise self._disk_full(path, needed)
+        return needed
+
+    def _disk_full(self, path: Path, needed: int) -> DiskFullError:
+        """The half-written save removed (its step directory too, once empty), so that the
+        previous complete checkpoint is what is left; the one line for it."""
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        return disk_full_error(path, needed, "the policy checkpoint")
 
     def _start_async_save(self, path: Path, state: dict) -> Future:
         """Stage `state` (returns once it is copied) and write it in the background."""
@@ -399,11 +449,14 @@ class PolicyCheckpointer:
             wait_futures([inflight.future])
         done = inflight.future.done()
         error = inflight.future.exception() if done else None
-        flags = torch.tensor([int(not done), int(error is not None)])
+        full = failed_for_room(inflight.path, inflight.needed, error)
+        flags = torch.tensor([int(not done), int(error is not None), int(full)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control_group)
-        pending, failed = bool(flags[0]), bool(flags[1])
+        pending, failed, full = bool(flags[0]), bool(flags[1]), bool(flags[2])
         if failed:
             self._inflight = None
+            if full:  # on every rank: not retried (gantry.run.errors), whichever rank says it
+                raise self._disk_full(inflight.path, inflight.needed) from error
             where = "this rank" if error is not None else "another rank"
             raise CheckpointError(
                 f"saving the policy checkpoint {inflight.path} failed on {where}"

@@ -59,6 +59,7 @@ from policy.export_files import (
     parse_size,
     plan_shards,
 )
+from policy.lora import export_adapter, is_lora, merged_state
 
 # Re-exported: the layout's names are part of the export's API (tests, bench/export.py).
 __all__ = [
@@ -112,6 +113,7 @@ def export_hf(
     *,
     max_shard_size: int | str = "2GB",
     stats: ExportStats | None = None,
+    lora_adapter: bool = False,
 ) -> Path | None:
     """Write `model`'s weights (in the parameters' dtype), config and generation config, and the
     tokenizer and processor files of `source_dir`, to `out_dir`.
@@ -119,10 +121,15 @@ def export_hf(
     A collective when the process group has more than one rank: every rank must call it. Returns
     the export's path on rank 0 and None on the others. `max_shard_size` bounds each safetensors
     file (bytes, or a string such as "2GB"); a tensor larger than that gets a file of its own.
+    A LoRA model (policy.lora) is exported merged, under the base model's names, or with
+    `lora_adapter` as its adapter alone (train.ckpt.export_lora_adapter).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    entries = state_entries(model, tied_weight_names(model))
+    if lora_adapter and is_lora(model):
+        return export_adapter(model, source_dir, out_dir)
+    tied = tied_weight_names(model)
+    entries = merged_state(model, tied) if is_lora(model) else state_entries(model, tied)
     shards = plan_shards(specs_of(entries), parse_size(max_shard_size))
     files = ShardFiles(out_dir.with_name(out_dir.name + ".tmp"), shards)
     held = HeldBytes()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gantry.run.errors import NonFiniteError
+from gantry.run.errors import NonFiniteError, disk_full_error, free_bytes, is_disk_full
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
@@ -144,6 +144,10 @@ class ShardFiles:
         checks on load), headers written, and a marker with a new export id, returned."""
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
+        # The files are made sparse at their size: a full disk shows only once written into.
+        needed = sum(size for _, size in self.headers)
+        if needed > free_bytes(self.out_dir):
+            raise disk_full_error(self.out_dir, needed, "the export")
         self.out_dir.mkdir(parents=True)
         for filename, (header, size) in zip(self.filenames, self.headers, strict=True):
             with (self.out_dir / filename).open("wb") as file:
@@ -181,9 +185,14 @@ class ShardFiles:
         if file not in self.fds:
             self.fds[file] = os.open(self.out_dir / self.filenames[file], os.O_WRONLY)
         data, position = memoryview(_host_bytes(piece, held)), start + offset
-        while data:  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
-            count = os.pwrite(self.fds[file], data, position)
-            data, position = data[count:], position + count
+        try:
+            while data:  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
+                count = os.pwrite(self.fds[file], data, position)
+                data, position = data[count:], position + count
+        except OSError as exc:
+            if is_disk_full(exc):  # the export's debris is removed (policy.export)
+                raise disk_full_error(self.out_dir, self.total_bytes, "the export") from exc
+            raise
         return nbytes
 
     def close(self) -> None:

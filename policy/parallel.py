@@ -41,7 +41,12 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PreTrainedModel
 
+from gantry.comm.store import SINGLE_NODE_HOST
+from gantry.config.lora import LoraConfig
+from gantry.launch.policy_job import job_store
 from gantry.models.loading import auto_model_class
+from gantry.run.runtime import RunInfo
+from policy.lora import apply_lora
 
 log = logging.getLogger("gantry.policy")
 DEFAULT_TIMEOUT_S = 1800.0
@@ -84,10 +89,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+def init_distributed(
+    timeout_s: float = DEFAULT_TIMEOUT_S, store: dist.Store | None = None
+) -> DistEnv:
     """Join the policy job's default process group (NCCL on GPU, gloo on CPU).
 
-    Under torchrun the rank and world come from its environment; a process started without it
+    Under torchrun the rank and world come from its environment, and the group meets through
+    `store` or, without one, torchrun's (MASTER_ADDR); a process started without torchrun
     forms a world of one, so the same code path trains one process.
     """
     rank = int(os.environ.get("RANK", "0"))
@@ -100,8 +108,14 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     if not dist.is_initialized():
         backend = "nccl" if on_cuda else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if on_cuda else None)
+        device_id = device if on_cuda else None
+        if store is not None:
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                device_id=device_id,
+            )  # fmt: skip
+        elif "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=device_id)
         else:  # a single process, no torchrun: an in-memory store is all a world of one needs
             if world_size != 1:
                 raise ParallelConfigError(
@@ -111,6 +125,17 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def join_policy_job(info: RunInfo, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """A rank of the run's policy job joins its default group: on one node through torchrun's
+    agent store (127.0.0.1, MASTER_ADDR); across nodes through the run's Redis, with the
+    run's secret (gantry.launch.policy_job), never through a TCPStore open to the network."""
+    host = info.policy_master.rsplit(":", 1)[0]
+    store = None
+    if "MASTER_ADDR" in os.environ and info.policy_master and host != SINGLE_NODE_HOST:
+        store = job_store(info, is_host=False, name="ranks", timeout_s=timeout_s)
+    return init_distributed(timeout_s, store=store)
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
@@ -183,9 +208,11 @@ def shard_model(model: PreTrainedModel, mesh: DeviceMesh, options: ShardingOptio
 
 
 def load_sharded_model(
-    model_path: str, mesh: DeviceMesh, options: ShardingOptions
+    model_path: str, mesh: DeviceMesh, options: ShardingOptions, lora: LoraConfig | None = None
 ) -> PreTrainedModel:
-    """Build the model sharded over `mesh`; only rank 0 reads the weights from `model_path`."""
+    """Build the model sharded over `mesh`; only rank 0 reads the weights from `model_path`.
+    With `lora` it is wrapped with LoRA adapters (policy.lora) before sharding; rank 0's
+    initial adapters are broadcast with the weights, so every rank starts from the same."""
     rank = dist.get_rank()
     device = (
         torch.device(mesh.device_type, torch.cuda.current_device())
@@ -195,12 +222,13 @@ def load_sharded_model(
     config = AutoConfig.from_pretrained(model_path)
     model_class = auto_model_class(config)
     if rank == 0:
-        full = model_class.from_pretrained(model_path, dtype=options.master_dtype)
-        full_state = full.state_dict()
-        model = full
+        model = model_class.from_pretrained(model_path, dtype=options.master_dtype)
+        model = apply_lora(model, lora) if lora is not None else model
+        full_state = model.state_dict()
     else:
         with torch.device("meta"):
             model = model_class.from_config(config, dtype=options.master_dtype)
+            model = apply_lora(model, lora) if lora is not None else model
         full_state = {}
     buffers = {name: buf.clone() for name, buf in model.named_buffers()} if rank == 0 else None
     shard_model(model, mesh, options)

@@ -90,3 +90,35 @@ class PhaseClock:
     def _synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+
+class _Entropy(torch.autograd.Function):
+    """H = -sum_v p log p from log-probs [N, V] -> [N], with gradient dH/dlogp_v =
+    -p_v (1 + log p_v) (through log_softmax this is dH/dz_v = -p_v (log p_v + H)). Computed in
+    chunks in both directions: autograd would keep p and p log p, two more [N, V] copies."""
+
+    @staticmethod
+    def forward(ctx, logprobs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logprobs)
+        return token_entropy(logprobs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (logprobs,) = ctx.saved_tensors
+        out = torch.empty_like(logprobs)
+        chunk = ENTROPY_CHUNK_ELEMENTS.get(logprobs.device.type, 1 << 20)
+        step = max(1, chunk // max(logprobs.shape[1], 1))
+        smallest = torch.finfo(logprobs.dtype).min
+        for start in range(0, logprobs.shape[0], step):
+            part = logprobs[start : start + step]
+            # A banned token (-inf) has p = 0: clamp keeps 0 * -inf from becoming nan.
+            term = part.exp() * (1.0 + part.clamp(min=smallest))
+            out[start : start + step] = -term * grad[start : start + step].unsqueeze(1)
+        return out
+
+
+def differentiable_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """`token_entropy` of log-probs [..., V] -> [...] with a gradient (the entropy bonus),
+    holding no [..., V] tensor beyond its input and, in the backward, the input's gradient."""
+    flat = logprobs.reshape(-1, logprobs.shape[-1])
+    return _Entropy.apply(flat).view(logprobs.shape[:-1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,9 @@ from gantry.data.plugin import prompt_messages
 from gantry.models.loading import is_vision_language, media_token_ids
 from gantry.run.errors import NonFiniteError
 from policy.export import tied_weight_names
-from policy.grpo import group_advantages, grpo_loss
+from policy.grpo import LossSettings, grpo_loss
+from policy.grpo_batch import advantages_for, gather_rows, kl_sums, local_units
+from policy.lora import base_of, is_lora, merged_parameters
 from policy.optim import build_optimizer, build_scheduler
 from policy.parallel import (
     DistEnv,
@@ -38,7 +40,7 @@ from policy.parallel import (
     load_sharded_model,
     set_gradient_sync,
 )
-from policy.step_metrics import PhaseClock, token_entropy
+from policy.step_metrics import PhaseClock, differentiable_entropy
 from policy.vision import (
     PromptVision,
     VisionInputs,
@@ -61,26 +63,31 @@ class Row:
     advantage: float
     vision: VisionInputs = field(default_factory=VisionInputs)  # the prompt's images / videos
     prompt_id: str = ""
+    reward: float = 0.0
 
 
-def rows_of(groups: list[RolloutGroup]) -> list[Row]:
-    """All completions of the batch in a fixed order; advantages normalised within each group."""
+def rows_of(groups: list[RolloutGroup], scale: str = "group") -> list[Row]:
+    """All completions of the batch in a fixed order, with their advantages: r - mean(group),
+    divided by the group's std ("group"), the batch's ("batch") or nothing ("none")."""
+    ordered = sorted(groups, key=lambda g: g.prompt_id)
+    rewards = [s.reward for g in ordered for s in g.samples]
+    advantages = iter(advantages_for(rewards, [len(g.samples) for g in ordered], scale))
     rows = []
-    for group in sorted(groups, key=lambda g: g.prompt_id):
-        rewards = torch.tensor([s.reward for s in group.samples], dtype=torch.float32)
-        advantages = group_advantages(rewards.unsqueeze(0)).squeeze(0).tolist()
+    for group in ordered:
         prompt = group.prompt_token_ids
-        for sample, advantage in zip(group.samples, advantages, strict=True):
+        for sample in group.samples:
             rows.append(
                 Row(
-                    prompt + sample.token_ids,
-                    len(prompt),
-                    sample.logprobs,
-                    advantage,
-                    prompt_id=group.prompt_id,
+                    prompt + sample.token_ids, len(prompt), sample.logprobs, next(advantages),
+                    prompt_id=group.prompt_id, reward=sample.reward,
                 )
-            )
+            )  # fmt: skip
     return rows
+
+
+def advantage_scale(train_policy) -> str:
+    """The advantage normalisation the config asks for (unbiased_advantage: none)."""
+    return "none" if train_policy.unbiased_advantage else train_policy.scale_rewards
 
 
 def share_of(rows: list[Row], rank: int, world_size: int) -> list[Row]:
@@ -106,6 +113,7 @@ class PackedBatch:
     behaviour_logprobs: torch.Tensor  # [B, L-1]
     advantages: torch.Tensor  # [B]
     vision: dict[str, torch.Tensor] = field(default_factory=dict)  # a VLM's pixel inputs
+    rewards: torch.Tensor | None = None  # [B]
 
     def __post_init__(self) -> None:
         self.completion_positions = self.completion_mask.any(dim=0).nonzero().squeeze(1)
@@ -138,6 +146,7 @@ def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> Packe
         *(t.to(device) for t in (input_ids, attention_mask, completion_mask, behaviour_logprobs)),
         advantages.to(device),
         merge_vision([r.vision for r in rows], device),
+        torch.tensor([r.reward for r in rows], dtype=torch.float32, device=device),
     )
 
 
@@ -159,7 +168,8 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs`, and with `entropy` the entropy of the distribution sampled from (the
     same temperature and banned tokens) at each completion position: [B, L-1], 0 outside the
-    completions, without gradient."""
+    completions, with gradient (the entropy bonus; computed in chunks, see
+    policy.step_metrics.differentiable_entropy)."""
     positions = batch.completion_positions
     logits = model(**batch.model_inputs()).logits.float() / temperature  # [B, K, V]
     if banned:
@@ -173,13 +183,11 @@ def completion_logprobs(
     outside = batch.completion_mask == 0
     if not entropy:
         return logprobs.masked_fill(outside, 0.0), None
-    # Only where this row predicts a completion token: the other rows' positions are wasted.
-    mine = batch.completion_mask[:, positions] > 0
-    kept_entropy = torch.zeros(mine.shape, device=logits.device)
-    kept_entropy[mine] = token_entropy(every.detach()[mine])
-    entropies = torch.zeros(batch.completion_mask.shape, device=logits.device)
-    entropies[:, positions] = kept_entropy
-    return logprobs.masked_fill(outside, 0.0), entropies
+    # At every kept position of every row (a boolean selection would copy [N, V]); the other
+    # rows' positions are masked out.
+    entropies = logprobs.new_zeros(batch.completion_mask.shape)
+    entropies[:, positions] = differentiable_entropy(every)
+    return logprobs.masked_fill(outside, 0.0), entropies.masked_fill(outside, 0.0)
 
 
 def sharding_options(config: GantryConfig) -> ShardingOptions:
@@ -198,9 +206,11 @@ def sharding_options(config: GantryConfig) -> ShardingOptions:
 # this order after the loss's sum. Names as in gantry.comm.metrics.
 _MEANS = (
     "kl_ref", "kl_behaviour", "ratio_mean", "clip_fraction", "clip_low_fraction",
-    "clip_high_fraction", "entropy", "logprob_gap_mean",
+    "clip_high_fraction", "entropy", "logprob_gap_mean", "dual_clip_fraction",
+    "behav_imp_weight_mean", "behav_imp_weight_capped_fraction",
 )  # fmt: skip
 _SUMS = ("loss", *_MEANS)
+_MAXIMA = ("ratio_max", "behav_imp_weight_max")  # reduced by max over micro-batches and ranks
 # Measured on the policy before the step's first update (see GRPOTrainer.step).
 _FIRST_ITERATION = _SUMS.index("logprob_gap_mean")
 
@@ -215,15 +225,18 @@ class Trainer:
         self.config, self.env = config, env
         torch.manual_seed(config.train.seed)
         self.options = sharding_options(config)
-        self.model = load_sharded_model(model_path, mesh, self.options)
-        self.optimizer = build_optimizer(self.model.parameters(), config.train)
+        self.model = load_sharded_model(model_path, mesh, self.options, config.policy.lora)
+        # With LoRA only the adapters train: the optimizer holds only them.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(trainable, config.train)
         optimizer_steps = total_steps * config.train.train_policy.mu_iterations
         self.scheduler = build_scheduler(self.optimizer, config.train, optimizer_steps)
         self.pad_token_id = _text_config(self.model.config).pad_token_id or 0
         self.vision = is_vision_language(self.model.config)
         # Blank media rows keep the ranks' collectives in step (policy.vision); a single rank
         # has none to keep in step with.
-        self.fillers = vision_fillers(self.model) if self.vision and env.world_size > 1 else {}
+        many = self.vision and env.world_size > 1
+        self.fillers = vision_fillers(base_of(self.model)) if many else {}
 
     def close(self) -> None:
         """Stop what the trainer runs besides the model (the SFT encoder processes)."""
@@ -258,10 +271,12 @@ class Trainer:
         dist.all_reduce(moved, op=op)
         return moved.cpu()
 
-    def weight_manifest_params(self) -> dict[str, torch.nn.Parameter]:
+    def weight_manifest_params(self):
         """The parameters to sync, under HF names; a tied lm_head is left out (the engine
-        ties it)."""
+        ties it). With LoRA, a function that merges them (policy.weight_sync.PolicySender)."""
         tied = tied_weight_names(self.model)
+        if is_lora(self.model):  # merged at each sync (a collective): see PolicySender
+            return lambda: merged_parameters(self.model, tied)
         return {name: p for name, p in self.model.named_parameters() if name not in tied}
 
 
@@ -296,37 +311,47 @@ class GRPOTrainer(Trainer):
             )
             self.reference = load_sharded_model(model_path, mesh, frozen)
             self.reference.eval().requires_grad_(False)
+        self.settings = LossSettings.of(config.train.train_policy)
 
     def step(self, groups: list[RolloutGroup]) -> dict[str, float]:
         """One policy step on a batch of groups (a collective); returns global metrics. With
         mu_iterations > 1 the statistics are the last iteration's, but the log-prob gap's (the
         policy before the step's first update)."""
         started = time.perf_counter()
-        mine = share_of(rows_of(groups), self.env.rank, self.env.world_size)
+        policy_cfg = self.config.train.train_policy
+        rows = rows_of(groups, advantage_scale(policy_cfg))
+        mine = share_of(rows, self.env.rank, self.env.world_size)
         if self.vision:
             self._attach_vision(mine, {g.prompt_id: g for g in groups})
-        size = self.config.train.train_policy.mini_batch
+        size = policy_cfg.mini_batch
         micro = [self._pack(mine[i : i + size]) for i in range(0, len(mine), size)]
-        tokens = self._all_reduce(
-            torch.tensor([sum(float(b.completion_mask.sum()) for b in micro)])
-        )
-        global_tokens = max(float(tokens[0]), 1.0)
+        masks = [b.completion_mask for b in micro]
+        totals = self._all_reduce(
+            local_units(masks, [b.rewards for b in micro], policy_cfg.loss_type)
+        ).tolist()
+        global_tokens = max(totals[0], 1.0)
+        # Each rank's share of the global denominators: FSDP averages gradients over ranks.
+        scale = [max(total, 1.0) / self.env.world_size for total in totals]
         clock = PhaseClock(self.env.device)
         with clock.phase("forward"):
             references = [self._reference_logprobs(b) for b in micro]
+            if self.settings.use_kl_in_reward and self.reference is not None:
+                self._kl_into_advantages(groups, rows, len(mine), micro, references)
+        proximal: list = [None] * len(micro)  # decoupled PPO: log-probs before the update
         first = None
-        for _ in range(self.config.train.train_policy.mu_iterations):
+        for _ in range(policy_cfg.mu_iterations):
             lr = self.scheduler.get_last_lr()[0]
-            sums, ratio_max = self._accumulate(micro, references, global_tokens, clock)
+            sums, maxima = self._accumulate(micro, references, proximal, scale, clock)
             first = sums if first is None else first
             with clock.phase("optimizer"):
                 grad_norm = self._optimizer_step()
         sums[_FIRST_ITERATION] = first[_FIRST_ITERATION]
         sums = self._all_reduce(sums) / global_tokens
         metrics = dict(zip(_SUMS, sums.tolist(), strict=True))
-        ratio_max = self._all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX)
+        maxima = self._all_reduce(maxima, dist.ReduceOp.MAX)
+        metrics.update(dict(zip(_MAXIMA, maxima.tolist(), strict=True)))
         metrics.update(
-            ratio_max=float(ratio_max[0]), grad_norm=grad_norm, lr=lr, tokens=global_tokens,
+            grad_norm=grad_norm, lr=lr, tokens=global_tokens,
             policy_seconds=time.perf_counter() - started,
             policy_forward_s=clock.seconds["forward"], policy_backward_s=clock.seconds["backward"],
             policy_optimizer_s=clock.seconds["optimizer"],
@@ -366,14 +391,22 @@ class GRPOTrainer(Trainer):
         return batch
 
     def _accumulate(
-        self, micro: list[PackedBatch], references: list, global_tokens: float, clock: PhaseClock
-    ) -> tuple[torch.Tensor, float]:
+        self,
+        micro: list[PackedBatch],
+        references: list,
+        proximal: list,
+        scale: list[float],
+        clock: PhaseClock,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over the micro-batches: token-weighted statistics summed (_SUMS),
-        and the largest importance ratio."""
-        policy_cfg = self.config.train.train_policy
+        and their maxima (_MAXIMA). `scale`: this rank's share of the step's tokens, loss units
+        and positive-sample tokens. Decoupled PPO's proximal log-probs are the first pass's:
+        the weights do not change during a pass (one optimizer step after it), so they are the
+        policy's at the step's start without an extra forward."""
         temperature = self.config.rollout.sampling_config.temperature
-        normalizer = global_tokens / self.env.world_size
-        sums, ratio_max = torch.zeros(len(_SUMS), dtype=torch.float64), 0.0
+        decoupled = self.config.train.train_policy.use_decoupled_loss
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        maxima = torch.zeros(len(_MAXIMA), dtype=torch.float64)
         for i, (batch, ref) in enumerate(zip(micro, references, strict=True)):
             # Reduce gradients across ranks once, after the last micro-batch.
             set_gradient_sync(self.model, i == len(micro) - 1)
@@ -382,24 +415,51 @@ class GRPOTrainer(Trainer):
                 logprobs, entropy = completion_logprobs(
                     self.model, batch, temperature, self.banned, entropy=True
                 )
+                if decoupled and proximal[i] is None:
+                    proximal[i] = logprobs.detach()
                 loss, stats = grpo_loss(
-                    logprobs, batch.behaviour_logprobs, batch.advantages, mask,
-                    epsilon_low=policy_cfg.epsilon_low, epsilon_high=policy_cfg.epsilon_high,
-                    kl_beta=policy_cfg.kl_beta, ref_logprobs=ref, normalizer=normalizer,
+                    logprobs, proximal[i] if decoupled else batch.behaviour_logprobs,
+                    batch.advantages, mask, ref_logprobs=ref,
+                    behaviour_logprobs=batch.behaviour_logprobs if decoupled else None,
+                    entropy=entropy, positive=batch.rewards > 0, normalizer=scale[1],
+                    positive_normalizer=scale[2], **asdict(self.settings),
                 )  # fmt: skip
             with clock.phase("backward"):
                 loss.backward()
             tokens = float(mask.sum())
             means = {
                 **stats, "kl_ref": stats.get("kl", 0.0), "logprob_gap_mean": stats["logprob_gap"],
-                "entropy": float((entropy * mask).sum()) / max(tokens, 1.0),
+                "entropy": float((entropy.detach() * mask).sum()) / max(tokens, 1.0),
             }  # fmt: skip
             sums += torch.tensor(
-                [float(loss.detach()) * normalizer] + [means[k] * tokens for k in _MEANS],
+                [float(loss.detach()) * scale[0]] + [means.get(k, 0.0) * tokens for k in _MEANS],
                 dtype=torch.float64,
             )
-            ratio_max = max(ratio_max, stats["ratio_max"])
-        return sums, ratio_max
+            here = torch.tensor([stats.get(k, 0.0) for k in _MAXIMA], dtype=torch.float64)
+            maxima = torch.maximum(maxima, here)
+        return sums, maxima
+
+    def _kl_into_advantages(
+        self, groups: list[RolloutGroup], rows: list[Row], share: int, micro: list, references
+    ) -> None:
+        """use_kl_in_reward: each completion's reward loses kl_beta x its KL sum (behaviour vs
+        reference log-probs), and the advantages of this rank's micro-batches are recomputed
+        from the adjusted rewards of all rows (summed over ranks: each has its share's)."""
+        estimator, size = self.settings.kl_estimator, self.config.train.train_policy.mini_batch
+        mine = []
+        for index, (batch, ref) in enumerate(zip(micro, references, strict=True)):
+            real = min(size, share - index * size)  # blank media rows come after the real ones
+            sums = kl_sums(batch.behaviour_logprobs, ref, batch.completion_mask, estimator)
+            mine.append(sums[:real].cpu())
+        every = gather_rows(torch.cat(mine), self.env.rank * share, len(rows), self._all_reduce)
+        beta = self.settings.kl_beta
+        rewards = [row.reward - beta * float(kl) for row, kl in zip(rows, every, strict=True)]
+        sizes = [len(g.samples) for g in sorted(groups, key=lambda g: g.prompt_id)]
+        scale = advantage_scale(self.config.train.train_policy)
+        advantages = advantages_for(rewards, sizes, scale)[self.env.rank * share :]
+        for index, batch in enumerate(micro):
+            part = advantages[index * size : min((index + 1) * size, share)]
+            batch.advantages[: len(part)] = torch.tensor(part, device=batch.advantages.device)
 
     def _reference_logprobs(self, batch: PackedBatch) -> torch.Tensor | None:
         if self.reference is None:

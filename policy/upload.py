@@ -193,6 +193,9 @@ class Uploader:
         self._abandon = threading.Event()
         # A daemon thread: an upload stuck in the network must never keep the process alive.
         self._thread = threading.Thread(target=self._work, name="gantry-upload", daemon=True)
+        # Its error is kept and reported by close() with what it left (staged copies), so it
+        # does not end the process (gantry.run.deadline.exit_on_thread_error).
+        self._thread.reports_its_errors = True
         self._thread.start()
 
     @classmethod

@@ -6,6 +6,8 @@ straight from its shard (`DTensor.to_local`), so no rank gathers a parameter. Th
 replicas hold copies of the same shards and sit syncs out. Policy rank 0 hosts the store the
 sync groups meet through. With `rollout.weight_sync_in_background` a sender copies its rows when
 the sync is ordered and sends the copy from a thread while the policy trains the next step.
+With LoRA (policy.lora) the tensors sent are the merged weights, computed on every rank at each
+sync (policy.lora.merged_parameters): the manifest is the base model's, as without LoRA.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class PolicySender:
 
     def __init__(
         self,
-        params: dict[str, torch.Tensor],
+        params: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
         mesh: DeviceMesh,
         *,
         dtype: str,
@@ -71,9 +73,12 @@ class PolicySender:
         bucket_bytes: int = communicator.DEFAULT_BUCKET_BYTES,
         direct_min_bytes: int = communicator.DIRECT_MIN_BYTES,
     ) -> None:
-        self.params = params
+        # A function (LoRA: the merged weights) is called again at each sync, on every rank:
+        # it may be a collective, and its tensors keep the names, shapes and layout it had.
+        self.source = params if callable(params) else None
+        self.params = params() if callable(params) else params
         self.index, senders, self.is_sender = shard_position(mesh)
-        self.manifest = build_manifest(params, senders, dtype, bucket_bytes, direct_min_bytes)
+        self.manifest = build_manifest(self.params, senders, dtype, bucket_bytes, direct_min_bytes)
         self.is_store_host = is_store_host
         self.sender: communicator.Sender | None = None
         self.snapshot: dict[str, torch.Tensor] = {}
@@ -86,6 +91,7 @@ class PolicySender:
     ) -> communicator.SendStats | None:
         """Take part in the sync `plan` (None on ranks that are not senders); SyncCancelled
         when `called_off` says the controller gave it up."""
+        self._refresh()
         return self._send(plan, version, called_off, self._local_rows)
 
     def send_in_background(
@@ -100,6 +106,7 @@ class PolicySender:
         their generate calls. One sync at a time: this waits for the previous one first.
         `done(stats, error)` is called from the thread (error: SyncCancelled, or what failed)."""
         self.wait()
+        self._refresh()
         if not self.is_sender:
             return
         for entry in self.manifest.entries:
@@ -126,6 +133,10 @@ class PolicySender:
         if self.sending is not None:
             sending, self.sending = self.sending, None
             sending.result()  # raises only what `done` itself raised
+
+    def _refresh(self) -> None:
+        if self.source is not None:
+            self.params = self.source()
 
     def _send(
         self,

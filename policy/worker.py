@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ from gantry.launch.placement import rollout_dtype
 from gantry.models.loading import is_vision_language
 from gantry.run.activity import Activity
 from gantry.run.checkpoints import prune_step_dirs, step_of
-from gantry.run.runtime import Heartbeat, RunInfo, host_name, planned_steps
+from gantry.run.deadline import Deadlines, Units, Watchdog, exit_on_thread_error
+from gantry.run.runtime import Heartbeat, RunInfo, host_name, planned_steps, report_failure
 from policy.checkpoint import PolicyCheckpointer
 from policy.export import export_hf
 from policy.parallel import ParallelDims, build_mesh, init_distributed
@@ -100,8 +102,19 @@ class PolicyWorker:
         self.save_started: dict[int, float] = {}
         # What this rank does now (published with the heartbeat; idle time for the metrics).
         self.activity = Activity("policy", replica, rank=self.env.rank, host=host_name())
+        # Each command's work has a deadline (gantry.run.deadline): a step, sync, save or
+        # export that hangs (a peer's collective, a stuck file system) ends this rank, named,
+        # and the run starts again; so does an error that ends any thread of this process.
+        self.units = Units(
+            self.activity,
+            Watchdog(on_expiry=lambda text: self._fail(f"stuck: {text}")),
+            Deadlines.from_config(config.fault_tolerance),
+        )
         if info.resume_from:
             self._resume(Path(info.resume_from))
+
+    def _fail(self, text: str) -> None:
+        report_failure("policy", self.replica, self.info, text)
 
     def _vlm_samples(self):
         """A VLM's GRPO prompts carry images the policy loads from the dataset itself."""
@@ -155,6 +168,7 @@ class PolicyWorker:
     # ---- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
+        self.thread_errors_end_us = exit_on_thread_error(self._fail)
         if self.weights is not None and self.is_main:
             self.plane.redis.set(self.keys.manifest, self.weights.manifest.to_json())
         if self.weights is not None:  # sync check-ins for `python -m gantry status`
@@ -183,6 +197,7 @@ class PolicyWorker:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+            self.thread_errors_end_us()  # the orderly end: shutting down is not a failure
             self.trainer.close()
         self.checkpointer.close()
         dist.destroy_process_group()
@@ -210,28 +225,33 @@ class PolicyWorker:
     def _handle(self, command) -> None:
         # Each command's work is an activity state (heartbeat, idle fraction); the wait for
         # the next command is "idle".
-        doing = self.activity.doing
+        unit = self.units.run
         if isinstance(command, TrainBatch | SFTBatch):
-            with doing("training", f"step {command.step}"):
+            with unit("policy step", "training", f"step {command.step}", work=_work(command)):
                 metrics = self._train(command)
             if self.is_main:
                 self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
         elif isinstance(command, Validate):
-            with doing("validating", f"after step {command.step}"):
+            with unit("validation", "validating", f"after step {command.step}"):
                 validation = ValidationMetrics(**self.trainer.validate())
             if self.is_main:
                 event = ValidationDone(step=command.step, metrics=validation)
                 self.plane.send(self.keys.events, event)
         elif isinstance(command, SyncWeights):
-            # In the background, only the copy of the shards: the send overlaps training.
-            with doing("syncing", f"weights v{command.version}"):
-                self._send_weights(command)
+            detail = f"weights v{command.version}"
+            if self.config.rollout.weight_sync_in_background:
+                # Here only the copy of the shards: the send overlaps training, within a
+                # deadline of its own (`_send_weights`).
+                with self.activity.doing("syncing", detail):
+                    self._send_weights(command)
+            else:  # the sync's own timeout (its check-in) plus the transfer's deadline
+                with unit("weight sync", "syncing", detail, extra_s=command.plan.timeout_s):
+                    self._send_weights(command)
         elif isinstance(command, Checkpoint):
-            with doing("checkpointing", f"step {command.step}"):
+            with unit("checkpoint", "checkpointing", f"step {command.step}"):
                 self._save_checkpoint(command)
         elif isinstance(command, Export):
-            with doing("exporting", f"step {command.step}"):
-                self._export(command)
+            self._export(command)
         else:
             raise TypeError(f"policy got an unexpected command: {command!r}")
 
@@ -258,12 +278,19 @@ class PolicyWorker:
             return bool(self.plane.redis.exists(called_off_key))
 
         if self.config.rollout.weight_sync_in_background:
-            self.weights.send_in_background(
-                command.plan,
-                command.version,
-                called_off,
-                lambda stats, error: self._sent(command, stats, error),
-            )
+            self.weights.wait()  # the previous one's deadline ends with it
+            limit = self._background_deadline(command)
+            started = time.monotonic()
+
+            def done(stats, error: Exception | None) -> None:
+                try:
+                    self._sent(command, stats, error)
+                    if error is None:
+                        self.units.deadlines.record("weight sync", time.monotonic() - started)
+                finally:
+                    limit.close()
+
+            self.weights.send_in_background(command.plan, command.version, called_off, done)
             return
         # A failed transfer raises SyncCancelled or torch.distributed's errors (RuntimeError),
         # a store that cannot be reached OSError / TimeoutError: reported below, and raised
@@ -275,6 +302,22 @@ class PolicyWorker:
             self._check_sync()
             return
         self._sent(command, stats, None)
+
+    def _background_deadline(self, command: SyncWeights) -> ExitStack:
+        """The deadline of a sync sent from the sending thread (only senders have one: the
+        others' `done` is never called), closed when that thread reports its end."""
+        limit = ExitStack()
+        if self.weights.is_sender:
+            seconds, why = self.units.deadlines.seconds_for("weight sync")
+            timeout = command.plan.timeout_s
+            limit.enter_context(
+                self.units.watchdog.limit(
+                    seconds + timeout if seconds else 0.0,
+                    lambda: f"weight sync v{command.version} (sent in the background)",
+                    f"{why} + rollout.weight_sync_timeout {timeout:g} s",
+                )
+            )
+        return limit
 
     def _sent(self, command: SyncWeights, stats, error: Exception | None) -> None:
         """The end of a sync (from the sending thread when in the background)."""
@@ -318,7 +361,10 @@ class PolicyWorker:
         return False
 
     def _check_sync(self, wait: bool = False) -> None:
-        if wait and self.weights is not None:
+        # A background sync that ended raises here what its report itself raised (the
+        # transfer's own error is `sync_error`): no stored error waits for the next sync.
+        sending = getattr(self.weights, "sending", None)
+        if self.weights is not None and (wait or (sending is not None and sending.done())):
             self.weights.wait()
         if self.sync_error is not None:
             error, self.sync_error = self.sync_error, None
@@ -341,12 +387,17 @@ class PolicyWorker:
         self._announce(self.checkpointer.poll())
 
     def _finish_checkpoints(self) -> None:
-        self._announce(self.checkpointer.wait())
+        """Wait for the saves in flight (async: their writes), within the deadline of a write."""
+        seconds, why = self.units.deadlines.seconds_for("checkpoint write")
+        what = "waiting for the checkpoint writes in flight"
+        with self.units.watchdog.limit(seconds, lambda: what, why):
+            self._announce(self.checkpointer.wait())
 
     def _announce(self, saved_paths: list[Path]) -> None:
         for saved in saved_paths:  # each is a checkpoint's policy/ directory
             step = step_of(saved.parent)
             seconds = time.perf_counter() - self.save_started.pop(step)
+            self.units.deadlines.record("checkpoint write", seconds)
             if self.is_main:
                 event = CheckpointSaved(step=step, path=str(saved.parent), seconds=seconds)
                 self.plane.send(self.keys.events, event)
@@ -355,8 +406,19 @@ class PolicyWorker:
         if command.final:
             # The last checkpoint is reported before the run's end is: the controller marks
             # it complete before it stops the workers.
-            self._finish_checkpoints()
-        path = export_hf(self.trainer.model, self.info.model_path, command.path)
+            with self.activity.doing("checkpointing", "the last writes", then="exporting"):
+                self._finish_checkpoints()
+        with self.units.run("export", "exporting", f"step {command.step}", then="exporting"):
+            path = export_hf(
+                self.trainer.model, self.info.model_path, command.path,
+                lora_adapter=self.config.train.ckpt.export_lora_adapter,
+            )  # fmt: skip
+        with self.activity.doing("exporting", f"step {command.step}: pruning, uploads"):
+            self._after_export(command, path)
+
+    def _after_export(self, command: Export, path: Path) -> None:
+        """Prune old exports, upload (the final one: wait for the uploads, which have a
+        timeout of their own), and say the export is done."""
         if not self.is_main:
             return
         keep = self.config.train.ckpt.max_keep
@@ -380,3 +442,13 @@ class PolicyWorker:
                 error=result.error or "",
             ),
         )
+
+
+def _work(command: TrainBatch | SFTBatch) -> float:
+    """A step's size for its deadline: a GRPO batch's tokens (prompts and completions, which
+    grow over a run), an SFT step as one unit (batches of the same dataset's samples)."""
+    if isinstance(command, SFTBatch):
+        return 1.0
+    return float(
+        sum(len(g.prompt_token_ids) + len(s.token_ids) for g in command.groups for s in g.samples)
+    )

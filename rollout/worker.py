@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import zlib
 
@@ -30,9 +31,10 @@ from gantry.comm.sync_groups import SyncCancelled
 from gantry.comm.transport import ControlPlane, Delivery
 from gantry.config import GantryConfig
 from gantry.data.plugin import load_dataset_script
+from gantry.data.rewards import RewardSet
 from gantry.launch.placement import rollout_dtype
 from gantry.run.activity import Activity
-from gantry.run.deadline import Watchdog
+from gantry.run.deadline import Deadlines, Units, Watchdog, exit_on_thread_error
 from gantry.run.runtime import Heartbeat, RunInfo, host_name, report_failure
 from rollout.engine import Completion, RolloutEngine, SamplingSettings
 from rollout.prompts import PromptBuilder
@@ -40,6 +42,15 @@ from rollout.prompts import PromptBuilder
 log = logging.getLogger("gantry.rollout")
 GROUP = "rollout"
 READ_BLOCK_MS = 200
+# A test hook, not a setting: "REPLICA:CALL" makes that replica's CALL-th generate call (1-based)
+# hang as a stuck engine would (its heartbeat beating on), for the fault tests of its deadline.
+HANG_ENV = "GANTRY_TEST_HANG_GENERATE"
+
+
+def hang_at(replica: str) -> int:
+    """The generate call at which this replica hangs (HANG_ENV), 0 for none."""
+    target, _, call = os.environ.get(HANG_ENV, "").partition(":")
+    return int(call) if target == replica and call else 0
 
 
 def make_engine(config: GantryConfig, model_path: str) -> RolloutEngine:
@@ -79,7 +90,11 @@ class RolloutWorker:
             config_source=info.config_source or None,
         )
         self.samples = self.script.load_samples(config.custom)
-        self.reward_names = self.script.reward_names
+        # The script's reward functions, the reward server and the overlong penalty, weighted.
+        self.rewards = RewardSet(
+            self.script, config.train.train_policy, config.rollout.max_response_length
+        )
+        self.reward_names = self.rewards.names
         self.prompts_of = PromptBuilder(info.model_path)
         self.tokenizer = self.prompts_of.tokenizer
         started = time.perf_counter()
@@ -92,13 +107,29 @@ class RolloutWorker:
         self.stopping = False
         # What this replica does now (published with the heartbeat; idle time for the metrics).
         self.activity = Activity("rollout", replica, host=host_name())
+
         # A reward function that never returns (a hung HTTP call) would keep the heartbeat
         # alive while nothing is scored: past rollout.reward_timeout the replica stops, named.
-        self.watchdog = Watchdog(
-            on_expiry=lambda text: report_failure("rollout", replica, info, f"stuck: {text}")
+        def fail(text: str) -> None:
+            report_failure("rollout", replica, info, text)
+
+        self.watchdog = Watchdog(on_expiry=lambda text: fail(f"stuck: {text}"))
+        # Each generate call and weight sync has a deadline too (gantry.run.deadline), and an
+        # error that ends any thread of this process ends the process.
+        self.units = Units(
+            self.activity, self.watchdog, Deadlines.from_config(config.fault_tolerance)
         )
+        self.report_failure = fail
+        self.generate_calls, self.hang_at = 0, hang_at(replica)
 
     def run(self) -> None:
+        restore_thread_hook = exit_on_thread_error(self.report_failure)
+        try:
+            self._run()
+        finally:  # the orderly end (an engine shutting down is no failure), or an error raised
+            restore_thread_hook()
+
+    def _run(self) -> None:
         self.plane.ensure_group(self.prompts, GROUP)
         heartbeat = Heartbeat(
             self.plane, self.keys.heartbeat("rollout", self.replica), self.activity
@@ -139,7 +170,11 @@ class RolloutWorker:
                 self.stopping = True
                 return False
             if isinstance(command, SyncWeights):
-                with self.activity.doing("syncing", f"weights v{command.version}"):
+                # Bounded by the sync's own timeout (its check-in) plus the transfer's deadline.
+                with self.units.run(
+                    "weight sync", "syncing", f"weights v{command.version}",
+                    extra_s=command.plan.timeout_s,
+                ):  # fmt: skip
                     self._receive_weights(command)
             else:
                 raise TypeError(f"rollout got an unexpected command: {command!r}")
@@ -174,11 +209,7 @@ class RolloutWorker:
     def _roll_out(self, deliveries: list[Delivery]) -> None:
         tasks: list[PromptTask] = [d.message for d in deliveries]
         started = time.perf_counter()
-        with self.activity.doing("generating", f"{len(tasks)} prompts"):
-            prompts, prompt_texts = self.prompts_of.build_with_texts(
-                self.samples, [task.index for task in tasks], self.script.path
-            )
-            completions = self.engine.generate(prompts, self._sampling(tasks))
+        prompts, prompt_texts, completions = self._generate(tasks)
         generated = time.perf_counter()
         with self.activity.doing("scoring", f"{len(tasks)} prompts"):
             scores = self._score(tasks, completions)
@@ -200,12 +231,13 @@ class RolloutWorker:
                 Sample(
                     token_ids=c.token_ids,
                     logprobs=c.logprobs,
-                    reward=sum(parts, 0.0),
+                    reward=total,
                     finish_reason=c.finish_reason,
                     reward_parts=parts,
                     text=completion_text,
+                    reward_info=info,
                 )
-                for c, (completion_text, parts) in zip(outs, scored, strict=True)
+                for c, (completion_text, total, parts, info) in zip(outs, scored, strict=True)
             ]
             groups.append(
                 RolloutGroup(
@@ -223,10 +255,34 @@ class RolloutWorker:
         ids = [d.entry_id for d in deliveries]
         self.plane.ack_and_send(self.prompts, GROUP, ids, self.keys.rollouts, groups)
 
+    def _generate(self, tasks: list[PromptTask]) -> tuple[list, list[str], list[list[Completion]]]:
+        """The engine's generate call, within its deadline: the slowest seconds per prompt so
+        far, or the batch's worst case (every completion max_response_length tokens) at the
+        best tokens/s measured, times fault_tolerance.deadline_factor."""
+        cfg, deadlines = self.config.rollout, self.units.deadlines
+        worst_tokens = len(tasks) * cfg.n_generation * cfg.max_response_length
+        per_token = deadlines.best_rate("generated token")
+        estimate = deadlines.factor * per_token * worst_tokens if per_token else 0.0
+        self.generate_calls += 1
+        started = time.perf_counter()
+        detail = f"{len(tasks)} prompts (weights v{self.version})"
+        with self.units.run("generate", "generating", detail, work=len(tasks), estimate_s=estimate):
+            prompts, prompt_texts = self.prompts_of.build_with_texts(
+                self.samples, [task.index for task in tasks], self.script.path
+            )
+            if self.generate_calls == self.hang_at:  # the test hook (HANG_ENV)
+                log.warning("%s: generate call %d hangs (test hook)", HANG_ENV, self.hang_at)
+                threading.Event().wait()
+            completions = self.engine.generate(prompts, self._sampling(tasks))
+        tokens = sum(len(c.token_ids) for outs in completions for c in outs)
+        deadlines.record("generated token", time.perf_counter() - started, max(tokens, 1))
+        return prompts, prompt_texts, completions
+
     def _score(
         self, tasks: list[PromptTask], completions: list[list[Completion]]
-    ) -> list[list[tuple[str, list[float]]]]:
-        """Per prompt, per completion: its text and each reward function's value."""
+    ) -> list[list[tuple[str, float, list[float], dict]]]:
+        """Per prompt, per completion: its text, weighted reward, each reward function's value
+        and the functions' info (gantry.data.rewards)."""
         # One decode call for the whole batch: the worker's time between generate calls is
         # generation lost.
         texts = iter(
@@ -248,11 +304,16 @@ class RolloutWorker:
                     ),
                 )
 
-            group = []
-            for _ in outs:
-                text = next(texts)
-                group.append((text, self.script.score_parts(text, sample, task.index, guard)))
-            scores.append(group)
+            group_texts = [next(texts) for _ in outs]
+            scored = self.rewards.score_group(
+                group_texts,
+                [len(c.token_ids) for c in outs],
+                sample,
+                task.index,
+                task.prompt_id,
+                guard,
+            )
+            scores.append([(t, *rest) for t, rest in zip(group_texts, scored, strict=True)])
         return scores
 
     def _sampling(self, tasks: list[PromptTask]) -> SamplingSettings:

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,6 +37,11 @@ def rows(model: type[BaseModel], section: str):
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             subsections.append((annotation, f"{section}.{name}" if section else name))
             continue
+        # An optional section (`X | None`, e.g. [policy.lora]): its row, then its keys.
+        optional = [
+            a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        subsections += [(sub, f"{section}.{name}" if section else name) for sub in optional]
         default = field.get_default(call_default_factory=True)
         shown = json.dumps(default.model_dump() if isinstance(default, BaseModel) else default)
         where = f" `[{section}]` " if section else " "

@@ -258,8 +258,8 @@ def test_guide_llava_sft_script_with_images_and_validation_trains(tmp_path):
     ("body", "key", "value", "message"),
     [
         (TRANSFORMING, None, None, "Upper.get_rollout_input"),
-        (GRPO, "policy.lora", {"r": 8}, "policy.lora"),
-        (GRPO, "train.train_policy.variant", "dapo", "train.train_policy.variant"),
+        (GRPO, "policy.lora", {"target_modules": ["q_proj"], "lora_path": "/a"}, "lora_path"),
+        (GRPO, "train.train_policy.use_remote_reward", True, "reward_server.url"),
     ],
 )
 def test_what_gantry_cannot_follow_stops_the_launch_with_its_name(

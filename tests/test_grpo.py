@@ -93,3 +93,30 @@ def test_kl_penalty_k3_hand_computed():
             epsilon_high=0.2,
             kl_beta=0.1,
         )
+
+
+def test_rows_of_take_the_configured_advantage_scale_and_keep_rewards():
+    from gantry.comm.protocol import RolloutGroup, Sample
+    from gantry.config import load_config
+    from policy.trainer import advantage_scale, pack_rows, rows_of
+
+    def group(pid, rewards):
+        samples = [Sample(token_ids=[5, 6], logprobs=[-1.0, -1.0], reward=r, finish_reason="stop")
+                   for r in rewards]  # fmt: skip
+        return RolloutGroup(prompt_id=pid, replica="0", policy_version=0, prompt_token_ids=[1, 2],
+                            samples=samples)  # fmt: skip
+
+    groups = [group("0:1", [2.0, 2.0]), group("0:0", [1.0, 0.0])]  # sorted by prompt id
+    none = rows_of(groups, "none")
+    assert [r.advantage for r in none] == [0.5, -0.5, 0.0, 0.0]
+    assert [r.reward for r in none] == [1.0, 0.0, 2.0, 2.0]
+    batch_std = torch.tensor([1.0, 0.0, 2.0, 2.0]).std().item()
+    batch = rows_of(groups, "batch")
+    assert [r.advantage for r in batch] == pytest.approx([0.5 / (batch_std + 1e-4),
+                                                          -0.5 / (batch_std + 1e-4), 0.0, 0.0])  # fmt: skip
+    packed = pack_rows(none, pad_token_id=0, device=torch.device("cpu"))
+    assert packed.rewards.tolist() == [1.0, 0.0, 2.0, 2.0]
+    policy = load_config(None, ["train.train_policy.unbiased_advantage=true"]).train.train_policy
+    assert advantage_scale(policy) == "none"
+    policy = load_config(None, ['train.train_policy.scale_rewards="batch"']).train.train_policy
+    assert advantage_scale(policy) == "batch"

@@ -135,29 +135,28 @@ def test_a_node_that_cannot_reach_node_0_says_where_it_looked(tmp_path, capsys, 
     )
 
 
-def start_two_nodes(tmp_path, password: str, *overrides: str) -> list[subprocess.Popen]:
-    """Node 1 then node 0 of a GRPO run, each a launcher process; node 0 on 127.0.0.2."""
+def two_node_commands(tmp_path, *overrides: str) -> list[list[str]]:
+    """Node 1's and node 0's launcher commands of a GRPO run; node 0 on 127.0.0.2."""
     port = free_port("127.0.0.2")
-    env = dict(os.environ, GANTRY_REDIS_PASSWORD=password)
     common = [
         sys.executable, "-m", "gantry.launch", *QUICKSTART, f"train.output_dir={tmp_path}",
         "rollout.backend=transformers", "logging.log_interval=1", *overrides,
         "--nnodes", "2", "--controller", f"127.0.0.2:{port}", "--run-id", "two-nodes",
     ]  # fmt: skip
-    nodes = []
-    for rank in (1, 0):  # the joining node first: it waits for node 0
-        command = [*common, "--node-rank", str(rank)]
-        nodes.append(
-            subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        )
-    return nodes
+    return [[*common, "--node-rank", str(rank)] for rank in (1, 0)]
+
+
+def start_node(command: list[str], password: str) -> subprocess.Popen:
+    env = dict(os.environ, GANTRY_REDIS_PASSWORD=password)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def start_two_nodes(tmp_path, password: str, *overrides: str) -> list[subprocess.Popen]:
+    """Node 1 then node 0 of a GRPO run, each a launcher process (the joining node first: it
+    waits for node 0)."""
+    return [start_node(command, password) for command in two_node_commands(tmp_path, *overrides)]
 
 
 @pytest.mark.redis
@@ -215,3 +214,84 @@ def test_a_two_node_run_survives_the_policy_on_node_0_dying(tmp_path):
     for text in [head, joiner, *(p.read_text() for p in (run_dir / "logs").iterdir())]:
         assert password not in text
     assert password not in (run_dir / "run.json").read_text()
+
+
+def run_info(run_dir: Path, redis_url: str, run_id: str = "r") -> RunInfo:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunInfo(
+        run_id=run_id, run_dir=str(run_dir), redis_url=redis_url, dataset_script="d.py",
+        dataset_size=1, model_path="m",
+    )  # fmt: skip
+
+
+@pytest.mark.redis
+def test_an_error_recorded_on_another_node_stops_node_0(tmp_path, redis_url):
+    """Run directories of nodes are not shared: node 0's launcher finds node 1's fatal record
+    in the run's Redis and copies it into its own run directory for the report."""
+    from gantry.comm.transport import ControlPlane
+    from gantry.run.runtime import FatalWatch, record_fatal
+
+    head = run_info(tmp_path / "node0", redis_url)
+    other = run_info(tmp_path / "node1", redis_url)
+    plane = ControlPlane(redis_url)
+    watch = FatalWatch(Path(head.run_dir), plane, head.keys)
+    assert not watch()
+    record_fatal(other, "rollout0", "DatasetScriptError: reward f raised\nTraceback ...")
+    assert watch.look_now()
+    assert json.loads((tmp_path / "node0" / "fatal.json").read_text()) == {
+        "process": "rollout0", "error": "DatasetScriptError: reward f raised",
+    }  # fmt: skip
+    record_fatal(head, "policy0", "a consequence")  # the first record wins, everywhere
+    assert "rollout0" in (tmp_path / "node0" / "fatal.json").read_text()
+    plane.close()
+
+
+@pytest.mark.redis
+def test_node_0_names_a_node_that_does_not_join(tmp_path, redis_url, capsys, monkeypatch):
+    from gantry.comm.transport import ControlPlane
+    from gantry.launch.multinode import Cluster, JoinWatch, announce_joined
+
+    info = run_info(tmp_path / "run", redis_url)
+    cluster = Cluster(3, 0, "127.0.0.1", "127.0.0.1", 0, "gantry:launch:r", [])
+    monkeypatch.setattr(JoinWatch, "REPORT_AFTER_S", 0.2)
+    watch = JoinWatch(info, cluster, timeout_s=1.5)
+    plane = ControlPlane(redis_url)
+    announce_joined(plane, Cluster(3, 1, "127.0.0.1", "127.0.0.1", 0, cluster.run_key, []), 0)
+    stopped, began = False, time.monotonic()
+    while not stopped and time.monotonic() - began < 10:
+        stopped = watch()
+        time.sleep(0.05)
+    out = "".join(capsys.readouterr())
+    assert stopped and 1.4 < time.monotonic() - began < 4
+    assert "node 1 joined" in out and re.search(r"node\(s\) 2 not joined after 1s", out)
+    fatal = json.loads((tmp_path / "run" / "fatal.json").read_text())
+    assert fatal["process"] == "launcher"
+    assert fatal["error"].startswith("node(s) 2 did not join within 2s")
+    plane.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_node_with_the_wrong_password_is_reported_by_node_0(tmp_path):
+    """Node 1 is refused by node 0's Redis and says so; node 0 names it and stops the run at
+    fault_tolerance.node_join_timeout_s with exit 2, not retried, no process left behind."""
+    joiner, head = two_node_commands(tmp_path, "fault_tolerance.node_join_timeout_s=6")
+    wrong, nodes = start_node(joiner, "wrong"), [None, start_node(head, "right")]
+    began = time.monotonic()
+    try:
+        wrong_out = wrong.communicate(timeout=60)[0]
+        head_out = nodes[1].communicate(timeout=90)[0]
+    finally:
+        wrong.kill()
+        nodes[1].kill()
+    assert wrong.returncode == 2 and "refused GANTRY_REDIS_PASSWORD" in wrong_out, wrong_out
+    assert nodes[1].returncode == 2, head_out[-3000:]
+    assert "node(s) 1 not joined after 6s" in head_out
+    assert "error: launcher: node(s) 1 did not join within 6s" in head_out
+    assert "restart" not in head_out and time.monotonic() - began < 60
+    run_dir = tmp_path / "two-nodes"
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+    survivors = subprocess.run(
+        ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True
+    ).stdout.split()
+    assert survivors == []

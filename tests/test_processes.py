@@ -161,3 +161,31 @@ def test_a_failure_is_one_line_with_the_cause_and_the_log(tmp_path, capsys):
     assert "ValueError: policy.model_max_length too big" in lines[0]
     assert str(tmp_path / "logs" / "policy0.log") in lines[0]
     assert supervisor.failure.name == "policy0"
+
+
+def test_a_child_past_its_deadline_is_killed_and_named_with_what_it_was_doing(
+    tmp_path, capsys, monkeypatch
+):
+    """`hung` may say why (a deadline long past while the heartbeat still beats): the line
+    says so, and the child is killed (not left running after the controller dropped it)."""
+    import gantry.launch.processes as processes
+
+    monkeypatch.setattr(processes, "CHECK_INTERVAL_S", 0.1)
+    supervisor = ProcessGroupSupervisor(tmp_path / "logs")
+    stuck = supervisor.start("rollout1", ["-c", "import time; time.sleep(60)"])
+    why = "stuck: generating 2 prompts (weights v3) running for 400 s, deadline 300 s (floor)"
+    lost: list[str] = []
+    started = time.monotonic()
+    try:
+        code = supervisor.wait(
+            main=None,
+            expendable=lambda name: True,
+            on_lost=lambda name, how: lost.append(f"{name}: {how}"),
+            hung=lambda name: why,
+        )
+    finally:
+        supervisor.stop_all()
+    assert code == 1 and lost == ["rollout1: signal SIGKILL"]  # the only expendable one
+    assert stuck.process.returncode == -signal.SIGKILL and time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert f"rollout1 (pid {stuck.process.pid}) {why}: killing it" in err

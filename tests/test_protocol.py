@@ -105,7 +105,8 @@ def test_step_metrics_keep_their_kind_and_values_through_the_codec():
     assert list(GRPO_METRICS.model_dump()) == [
         "loss", "kl_ref", "kl_behaviour", "ratio_mean", "ratio_max", "clip_fraction",
         "clip_low_fraction", "clip_high_fraction", "entropy", "logprob_gap_mean",
-        "grad_norm", "lr", "tokens", "policy_seconds", "policy_forward_s", "policy_backward_s",
+        "dual_clip_fraction", "behav_imp_weight_mean", "behav_imp_weight_max",
+        "behav_imp_weight_capped_fraction", "grad_norm", "lr", "tokens", "policy_seconds", "policy_forward_s", "policy_backward_s",
         "policy_optimizer_s", "policy_idle_fraction", "weight_sync_s", "weight_sync_wait_s",
         "weight_sync_gbps", "weight_sync_efficiency",
     ]  # fmt: skip

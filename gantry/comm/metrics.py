@@ -23,15 +23,32 @@ def _table(*metrics: Metric) -> dict[str, Metric]:
 
 
 # Bookkeeping keys of a record, not metrics (not sent to trackers as scalars).
-RECORD_KEYS = frozenset({"step", "epoch", "prompt_ids", "validation"})
+RECORD_KEYS = frozenset({"step", "epoch", "prompt_ids", "validation", "dropped_prompt_ids"})
 
 # ---- the policy's step (policy/) ------------------------------------------------------------
 POLICY = _table(
-    Metric("loss", "", "the step's loss: token mean over the trained tokens of all ranks", "both"),
-    Metric("kl_ref", "", "k3 KL to the reference model, token mean (0 when kl_beta = 0)"),
+    Metric(
+        "loss",
+        "",
+        "the step's loss as trained, all ranks: GRPO aggregated by loss_type (token mean by "
+        "default) with its KL, entropy and NLL terms; SFT: token mean over the trained tokens",
+        "both",
+    ),
+    Metric(
+        "kl_ref",
+        "",
+        "KL to the reference model by kl_estimator (k3 by default), token mean (0 when "
+        "kl_beta = 0)",
+    ),
     Metric("kl_behaviour", "", "k3 KL to the weights that sampled the batch, token mean"),
-    Metric("ratio_mean", "", "importance ratio pi / pi_behaviour, token mean"),
-    Metric("ratio_max", "", "largest importance ratio pi / pi_behaviour of the step's tokens"),
+    Metric(
+        "ratio_mean",
+        "",
+        "importance ratio pi / pi_old, token mean: pi_old is the behaviour policy, or the "
+        "proximal one with use_decoupled_loss; with variant = 'gspo' each token has its "
+        "completion's sequence ratio",
+    ),
+    Metric("ratio_max", "", "largest importance ratio pi / pi_old of the step's tokens"),
     Metric(
         "clip_fraction",
         "fraction",
@@ -62,6 +79,30 @@ POLICY = _table(
         "step's first update. Pure engine/trainer mismatch for groups sampled by those same "
         "weights (staleness 0); for staler groups the policy's weights have moved since they "
         "were sampled, and the gap includes that drift",
+    ),
+    Metric(
+        "dual_clip_fraction",
+        "fraction",
+        "completion tokens with a negative advantage whose loss the dual clip bounded at "
+        "-lower_bound_ratio x A (no gradient)",
+    ),
+    Metric(
+        "behav_imp_weight_mean",
+        "",
+        "use_decoupled_loss: the behaviour importance weight pi_prox / pi_behaviour before its "
+        "cap (per token, or per completion with behav_imp_weight_level = 'sequence'), token mean "
+        "(0 without the decoupled loss)",
+    ),
+    Metric(
+        "behav_imp_weight_max",
+        "",
+        "use_decoupled_loss: the largest behaviour importance weight of the step, before its cap",
+    ),
+    Metric(
+        "behav_imp_weight_capped_fraction",
+        "fraction",
+        "use_decoupled_loss: completion tokens whose behaviour weight was truncated or masked "
+        "(behav_imp_weight_cap, behav_imp_weight_floor)",
     ),
     Metric("grad_norm", "", "total gradient norm before clipping", "both"),
     Metric("lr", "", "learning rate of the step", "both"),
@@ -138,8 +179,33 @@ CONTROLLER = _table(
     Metric(
         "reward/<fn>",
         "",
-        "mean over the step's completions of reward function <fn> (its __name__; the reward "
-        "is the sum of these)",
+        "mean over the step's completions of reward function <fn> (its __name__, the reward "
+        "server's name or 'overlong'), unweighted; the reward is the weighted sum of these "
+        "(train.train_policy.reward_function)",
+    ),
+    Metric(
+        "reward_info/<key>",
+        "",
+        "mean over the step's completions of the numeric <key> of the info dicts that reward "
+        "functions returned with their values ((value, info))",
+    ),
+    Metric(
+        "overlong_penalised_fraction",
+        "fraction",
+        "completions that DAPO's overlong penalty lowered (longer than max_response_length - "
+        "overlong_reward.buffer_length); only with the 'overlong' reward part",
+    ),
+    Metric(
+        "dapo_groups_drawn",
+        "groups",
+        "variant = 'dapo': groups the step drew, its batch's plus those dropped since the "
+        "previous batch (dropped_prompt_ids lists them)",
+    ),
+    Metric(
+        "dapo_groups_dropped",
+        "groups",
+        "variant = 'dapo': groups dropped since the previous batch because all their "
+        "completions got the same reward (visited, never trained)",
     ),
     Metric(
         "reward_group_std_mean",

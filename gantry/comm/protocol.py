@@ -99,13 +99,15 @@ class Sample(_Message):
 
     token_ids: list[int]
     logprobs: list[float]
-    reward: float  # the sum of `reward_parts`
+    reward: float  # the weighted sum of `reward_parts` (train.train_policy.reward_function)
     finish_reason: str  # "stop", or "length": cut at rollout.max_response_length
     # Each reward function's value, in the order of the group's `reward_names` (metrics).
     reward_parts: list[float] = Field(default_factory=list)
     # The decoded completion, for the sample completions the controller logs (the policy
     # trains on the ids; a string costs less to carry along than a copy without it).
     text: str = ""
+    # What the reward functions returned besides their values ((value, info) pairs), merged.
+    reward_info: dict = Field(default_factory=dict)
 
 
 class RolloutGroup(_Message):
@@ -206,6 +208,10 @@ class GRPOStepMetrics(_Message):
     clip_high_fraction: float  # ratio > 1 + epsilon_high with a positive advantage
     entropy: float  # of the policy's token distribution at the sampling temperature
     logprob_gap_mean: float  # |policy - rollout engine| log-prob, before the step's update
+    dual_clip_fraction: float = 0.0  # tokens whose loss the dual clip (lower_bound_ratio) bounded
+    behav_imp_weight_mean: float = 0.0  # decoupled PPO: pi_prox / pi_behaviour (0: not used)
+    behav_imp_weight_max: float = 0.0
+    behav_imp_weight_capped_fraction: float = 0.0  # tokens whose weight was truncated / masked
     grad_norm: float  # before clipping
     lr: float  # the learning rate of the step
     tokens: float  # completion tokens of the step, all ranks
@@ -374,6 +380,12 @@ class Keys:
     def sync_called_off(self, group: str, version: int) -> str:
         """Set by the controller when a member of this weight sync left the run."""
         return f"{self.prefix}sync-called-off:{group}:v{version}"
+
+    @property
+    def fatal(self) -> str:
+        """RUN_DIR/fatal.json's record, also here: node 0's launcher sees an error a retry
+        would meet again wherever it happened (the run directories of nodes need not be shared)."""
+        return self.prefix + "fatal"
 
     def heartbeat(self, role: str, replica: str) -> str:
         """Key with a TTL, refreshed by a live worker."""

@@ -8,7 +8,7 @@ The transfer over these groups is in `gantry.comm.weights`.
 
 from __future__ import annotations
 
-import socket
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from gantry.comm.protocol import SyncPlan
+from gantry.comm.store import RUN_STORE_ENV, SINGLE_NODE_HOST, RedisStore, bound_tcp_store
 from gantry.comm.sync_status import member_names, receiver_name, sender_name  # noqa: F401
 from gantry.comm.torch_compat import nccl_options
+from gantry.comm.transport import redis_password
 
 # member_names, receiver_name, sender_name: the names members check in as, defined without torch
 # in gantry.comm.sync_status (for the status command) and re-exported by gantry.comm.weights.
@@ -88,32 +90,15 @@ def create_group(
 def connect_store(host: str, port: int, *, host_it: bool, timeout_s: float) -> dist.Store:
     """The sync store: policy rank 0 hosts it, every other member connects to it.
 
-    The host listens on `host` only (127.0.0.1 in a single-node run), not on every interface
-    as a TCPStore does by itself: it is handed a socket already bound there."""
-    listen_fd = _listening_socket(host, port) if host_it else None
-    return dist.TCPStore(
-        host,
-        port,
-        is_master=host_it,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-        master_listen_fd=listen_fd,
-    )
-
-
-def _listening_socket(host: str, port: int) -> int:
-    """A TCP socket listening on (host, port); its file descriptor, owned by the store from
-    now on (detached: Python's garbage collector must not close it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-    except OSError:
-        sock.close()
-        raise
-    return sock.detach()
+    On one node (127.0.0.1) a TCPStore that listens there only, not on every interface as a
+    TCPStore does by itself: its host is handed a socket already bound there. Across nodes
+    (the launcher then puts RUN_STORE_ENV in every process's environment) the run's Redis,
+    which wants the run's secret: a TCPStore would take any peer."""
+    run_store = os.environ.get(RUN_STORE_ENV, "")
+    if host == SINGLE_NODE_HOST or not run_store:
+        return bound_tcp_store(host, port, is_master=host_it, timeout_s=timeout_s)
+    url, prefix = run_store.split(" ", 1)
+    return RedisStore(url, redis_password(), f"{prefix}{host}:{port}/", timeout_s)
 
 
 def check_in(

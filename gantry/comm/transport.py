@@ -16,12 +16,44 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from gantry.comm.protocol import decode, encode
 
 # redis-py defaults to a 5 s socket timeout, which breaks blocking reads: the blocking
 # client has none, and every blocking call passes its own bounded BLOCK time instead.
 _CONNECT_TIMEOUT_S = 10
+# A command that meets a closed connection (the run's redis-server died and the launcher is
+# starting it again from its append-only file, gantry.launch.redis_server) is sent again after
+# 0.05, 0.1, 0.2, ... 1 s: for about RECONNECT_WINDOW_S (36 s) in all, then redis.ConnectionError is
+# raised. A MULTI/EXEC transaction is sent again whole.
+RECONNECT_BACKOFF = dict(base=0.05, cap=1.0)
+RECONNECT_RETRIES = 40
+LAUNCHER_RETRIES = 5  # 1.5 s: a Redis restart takes well under; a dead one is its watch's
+RECONNECT_WINDOW_S = sum(
+    min(RECONNECT_BACKOFF["cap"], RECONNECT_BACKOFF["base"] * 2**i)
+    for i in range(RECONNECT_RETRIES)
+)
+
+
+class _Reconnect(Retry):
+    """redis-py's Retry on ConnectionError, except a refused password (an AuthenticationError
+    is one): that will not change by trying again."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, redis.AuthenticationError):
+                return False
+            return is_retryable is None or is_retryable(error)
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def reconnecting(retries: int = RECONNECT_RETRIES) -> Retry:
+    """The retry of the run's clients on a lost connection (not on a timeout: a command that
+    timed out may have been carried out, and a hung server is not one being restarted)."""
+    return _Reconnect(ExponentialBackoff(**RECONNECT_BACKOFF), retries, (redis.ConnectionError,))
 
 
 @dataclass(frozen=True)
@@ -75,11 +107,17 @@ def reach(
 
 
 class ControlPlane:
-    def __init__(self, url: str) -> None:
+    """`retries`: how often a command is sent again on a lost connection (see RECONNECT_*); the
+    launcher's own, which must not hold its supervision loop, takes fewer."""
+
+    def __init__(self, url: str, *, retries: int = RECONNECT_RETRIES) -> None:
         self.url = url
         # RESP2 pinned: the reply shapes parsed below differ under RESP3.
         common = dict(
-            protocol=2, socket_connect_timeout=_CONNECT_TIMEOUT_S, password=redis_password()
+            protocol=2,
+            socket_connect_timeout=_CONNECT_TIMEOUT_S,
+            password=redis_password(),
+            retry=reconnecting(retries),
         )
         self.redis = redis.Redis.from_url(url, socket_timeout=30, **common)
         self._blocking = redis.Redis.from_url(url, socket_timeout=None, **common)

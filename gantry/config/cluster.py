@@ -73,6 +73,38 @@ class FaultToleranceConfig(BaseModel):
         description="With every rollout replica gone, seconds the controller waits for one to "
         "join before failing the run.",
     )
+    deadlines: bool = Field(
+        default=True,
+        description="Give each unit of work (a generate call, a policy step, a weight sync, a "
+        "checkpoint save, an export) a deadline: past it the process says what it was doing "
+        "and exits, handled like a dead one (a rollout replica dropped, its prompts re-queued; "
+        "a policy process: the run restarts). See docs/fault-tolerance.md for the formula.",
+    )
+    deadline_factor: float = Field(
+        default=3.0,
+        ge=1,
+        description="A unit's deadline is this many times the slowest of its kind so far "
+        "(seconds per token for a policy step, per prompt for a generate call), scaled to its "
+        "size, and at least deadline_floor_s.",
+    )
+    deadline_floor_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="The least deadline of any unit of work after the first of its kind.",
+    )
+    first_deadline_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="The deadline of the first unit of each kind (nothing measured yet; it "
+        "includes compilation, warm-up and first connections).",
+    )
+    node_join_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A run over several nodes: seconds node 0 waits for every other node's "
+        "launcher to join each attempt; node 0 names the missing nodes after 60 s (or this "
+        "timeout, if shorter) and stops the run (exit 2, not retried) at the timeout.",
+    )
 
 
 # sbatch's time formats; "MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS".

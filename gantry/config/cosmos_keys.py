@@ -105,7 +105,7 @@ HINTS: dict[str, set[str]] = {
     # config. Dataloader caches, prefetching, batch sizes of the loader and how batches are
     # dispatched: speed only. balance_dp_token moves samples between the ranks of one step;
     # Gantry normalises the loss over the whole step, so the gradient is the same. remote_reward,
-    # max_retry_for_on_policy, reset_optimizer_with_reference, load_balanced_*, clip_ratio_c:
+    # reset_optimizer_with_reference, load_balanced_*, clip_ratio_c:
     # read only with a refused key (use_remote_reward, on_policy, reference_reset_interval,
     # enable_dp_load_balancing, [vla]). rollout_as_token_ids / collect_rollout_logprobs /
     # use_rollout_logprobs_for_loss: Gantry always sends token ids and the engine's log-probs
@@ -122,7 +122,6 @@ HINTS: dict[str, set[str]] = {
         "dataloader_broadcast",
         "balance_dp_token",
         "remote_reward",
-        "max_retry_for_on_policy",
         "reset_optimizer_with_reference",
         "load_balanced_pool_size",
         "load_balanced_max_tokens_for_batch",
@@ -155,7 +154,6 @@ REFUSED: dict[str, dict[str, str]] = {
         "remote_reward": "remote rewards are " + _NOT_IMPLEMENTED,
     },
     "policy": {
-        "lora": "LoRA is not implemented by Gantry (it trains all weights): remove [policy.lora]",
         "is_diffusers": "diffusion models are " + _NOT_IMPLEMENTED,
         "model_safetensor_path": "give the weights' directory as policy.model_name_or_path",
         "model_revision": "download that revision and give its directory as "
@@ -185,11 +183,10 @@ REFUSED: dict[str, dict[str, str]] = {
     },
     "train.train_policy": {
         "trainer_type": "custom trainers are not implemented by Gantry: remove it",
-        "variant": "only the 'grpo' loss is implemented (no DAPO/GSPO): remove it",
         "algo": "only the 'grpo' algorithm is implemented: remove it",
-        "reward_function": "Gantry scores with the dataset script's reward functions (as "
-        "cosmos-rl does when launch_worker gets reward_fns): remove it",
-        "use_remote_reward": "remote rewards are " + _NOT_IMPLEMENTED,
+        "use_remote_reward": "cosmos-rl's remote reward service (enqueue/fetch URLs from "
+        "environment variables) is not implemented: give your scorer's URL as "
+        "train.train_policy.reward_server.url (docs/dataset-scripts.md)",
         "filter_reward_metric": "filter rewards (dynamic sampling) are " + _NOT_IMPLEMENTED,
         "bypass_reward": _NOT_IMPLEMENTED,
         "group_reward_calculation": "rewards are computed per completion: remove it",
@@ -197,20 +194,9 @@ REFUSED: dict[str, dict[str, str]] = {
         "temperature: set that and remove this key",
         "advantage_low": "Gantry does not clip advantages: remove it",
         "advantage_high": "Gantry does not clip advantages: remove it",
-        "positive_nll_coef": "an NLL term on positive samples is " + _NOT_IMPLEMENTED,
-        "lower_bound_ratio": "dual-clip PPO is " + _NOT_IMPLEMENTED,
-        "unbiased_loss_max_tokens": "Gantry's loss is token-mean (Dr.GRPO's unbiased loss is "
-        + _NOT_IMPLEMENTED
-        + ")",
-        "unbiased_advantage": "Gantry divides advantages by the group's std: remove it",
-        "overlong_reward": "overlong reward shaping is " + _NOT_IMPLEMENTED,
-        "unbiased_kl_estimate": "Gantry's KL uses the k3 estimator: remove it",
-        "off_policy_masking_delta": "off-policy masking is " + _NOT_IMPLEMENTED,
-        "aipo_rho": "AIPO ratio clipping is " + _NOT_IMPLEMENTED,
         "batch_size_per_optimize": "one optimizer step per train_batch_per_replica batch "
         "(x mu_iterations): remove it",
         "max_token_len_per_mini_batch": "use train.train_policy.mini_batch",
-        "entropy_coeff": "an entropy bonus is " + _NOT_IMPLEMENTED,
         "on_policy": "Gantry bounds staleness with train.train_policy.allowed_outdated_steps "
         "(0: train only on rollouts of the current weights): set that and remove this key",
         "uncentralized_training": _NOT_IMPLEMENTED,
@@ -218,8 +204,6 @@ REFUSED: dict[str, dict[str, str]] = {
         "max_inflight_steps": "use train.train_policy.allowed_outdated_steps",
         "min_filter_prefix_tokens": "masking shared prefixes in the loss is " + _NOT_IMPLEMENTED,
         "reference_reset_interval": "resetting the reference model is " + _NOT_IMPLEMENTED,
-        "use_decoupled_loss": "the decoupled loss is " + _NOT_IMPLEMENTED,
-        "behav_imp_weight_cap": "capping behaviour importance weights is " + _NOT_IMPLEMENTED,
         "dataloader_seed": "Gantry shuffles with train.seed: set that and remove this key",
         "dataloader_drop_last": "Gantry trains on full batches only (drop_last = true): remove it",
         "system_prompt": "put the system prompt into the dataset script's conversations",
@@ -296,9 +280,7 @@ SAME_AS_GANTRY: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
     "train.train_policy.trainer_type": lambda value, raw: (
         value == _get(raw, "train.train_policy.type", "grpo")
     ),
-    "train.train_policy.variant": _is("grpo"),
     "train.train_policy.algo": _is("grpo"),
-    "train.train_policy.reward_function": _is("single_choice", ["single_choice"]),
     "train.train_policy.use_remote_reward": _is(False),
     "train.train_policy.filter_reward_metric": _is([], ""),
     "train.train_policy.bypass_reward": _is(False),
@@ -306,31 +288,20 @@ SAME_AS_GANTRY: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
     "train.train_policy.temperature": _same_temperature,
     "train.train_policy.advantage_low": _never_clips(-1),
     "train.train_policy.advantage_high": _never_clips(1),
-    "train.train_policy.positive_nll_coef": _is(None),
-    "train.train_policy.unbiased_loss_max_tokens": _is(None),
-    "train.train_policy.unbiased_advantage": _is(False),
-    "train.train_policy.overlong_reward": _off("enable_overlong_penalty"),
-    "train.train_policy.unbiased_kl_estimate": _is(False),
-    "train.train_policy.off_policy_masking_delta": _is(None),
-    "train.train_policy.aipo_rho": _is(None),
     "train.train_policy.batch_size_per_optimize": _is(None),
     "train.train_policy.max_token_len_per_mini_batch": _is(None),
-    "train.train_policy.entropy_coeff": _is(0.0, 0),
     "train.train_policy.on_policy": _is(False),
     "train.train_policy.uncentralized_training": _is(False),
     "train.train_policy.outdated_rollout_fetch_batch_size": _is(0),
     "train.train_policy.max_inflight_steps": _is(None),
     "train.train_policy.min_filter_prefix_tokens": _is(None),
     "train.train_policy.reference_reset_interval": _is(None),
-    "train.train_policy.use_decoupled_loss": _is(False),
-    "train.train_policy.behav_imp_weight_cap": _is(None),
     "train.train_policy.dataloader_seed": _is(0),
     "train.train_policy.dataloader_drop_last": _is(True),
     "train.train_policy.system_prompt": _is(""),
     "train.train_policy.enable_dp_load_balancing": _is(False),
 }
-# No accepted value: vla, policy.lora, train.train_policy.lower_bound_ratio (cosmos-rl's
-# dual-clip applies whatever its value; Gantry has none).
+# No accepted value: vla.
 
 
 def known_keys(section: str) -> set[str]:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from gantry.config.cluster import _MODEL_CONFIG
 from gantry.config.fields import Dtype, StrictFloat
+from gantry.config.lora import LoraConfig
 
 
 def _only_one(value: int, what: str) -> int:
@@ -107,6 +108,11 @@ class PolicyConfig(BaseModel):
     )
     parallelism: PolicyParallelism = Field(
         default_factory=PolicyParallelism, description="Replication and sharding of the trainer."
+    )
+    lora: LoraConfig | None = Field(
+        default=None,
+        description="Train LoRA adapters (peft) instead of all the weights; unset: full "
+        "training. See docs/lora.md.",
     )
 
 

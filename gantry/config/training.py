@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from gantry.config.cluster import _MODEL_CONFIG
 from gantry.config.fields import Dtype, StrictFloat
+from gantry.config.rewards import OverlongRewardConfig, RewardServerConfig
 
 # ------------------------------------------------------------------------------------ [train]
 
@@ -70,11 +71,162 @@ class TrainPolicyConfig(BaseModel):
         description="Completions in one forward/backward pass on a rank; gradients are "
         "accumulated over the rank's share of the batch, then one optimizer step is taken.",
     )
-    loss_type: Literal["token-mean"] = Field(
+    loss_type: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
         default="token-mean",
-        description="How per-token losses are reduced: 'token-mean' averages over all response "
-        "tokens of the batch.",
+        description="How per-token losses are reduced, over the whole step (all micro-batches "
+        "and ranks): 'token-mean' averages over all completion tokens; 'seq-mean-token-sum' "
+        "sums each completion's tokens and averages over completions; 'seq-mean-token-mean' "
+        "averages each completion's tokens, then over completions (docs/algorithms.md).",
     )
+    # ---- the loss family (policy/grpo.py, policy/losses.py; docs/algorithms.md)
+    unbiased_loss_max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="Dr.GRPO: with loss_type = 'seq-mean-token-mean', divide each completion's "
+        "token sum by this constant instead of its length (unset: its length).",
+    )
+    unbiased_advantage: bool = Field(
+        default=False,
+        description="Dr.GRPO: advantages are r - mean(group), not divided by a std.",
+    )
+    scale_rewards: Literal["group", "batch"] = Field(
+        default="group",
+        description="What std the advantages r - mean(group) are divided by (unless "
+        "unbiased_advantage): the group's ('group', GRPO) or that of all the step's rewards "
+        "('batch'). TRL's scale_rewards; cosmos-rl has no such key.",
+    )
+    lower_bound_ratio: float = Field(
+        default=3.0,
+        gt=1,
+        description="Dual-clip PPO (Ye et al. 2020): with a negative advantage A the per-token "
+        "loss is at most -lower_bound_ratio x A. Not applied with variant = 'gspo' or aipo_rho "
+        "(as in cosmos-rl).",
+    )
+    aipo_rho: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="AIPO (arXiv 2505.24034): the per-token loss is -min(ratio, aipo_rho) x A "
+        "instead of PPO's clipped minimum (suggested 2-10; unset: PPO clipping).",
+    )
+    positive_nll_coef: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description="VAPO's positive-example LM loss: add this times the mean negative "
+        "log-likelihood of the tokens of completions whose reward is > 0 (unset or 0: off).",
+    )
+    entropy_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="Entropy bonus: subtract entropy_coeff x the policy's token entropy "
+        "(aggregated as loss_type) from the loss, with its gradient (as verl; cosmos-rl adds "
+        "it without gradient, which leaves the update unchanged).",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        default="k3",
+        description="Estimator of KL(pi || pi_ref) per token, delta = log pi_ref - log pi: "
+        "'k1' = -delta, 'k2' = delta^2 / 2, 'k3' = exp(delta) - delta - 1 (verl's "
+        "kl_loss_type; cosmos-rl always uses k3).",
+    )
+    unbiased_kl_estimate: bool = Field(
+        default=False,
+        description="DeepSeek-V3.2: multiply each token's KL estimate by pi / pi_old (the "
+        "importance ratio), for an unbiased estimate from off-policy samples.",
+    )
+    use_kl_in_reward: bool = Field(
+        default=False,
+        description="Put the KL penalty in the reward instead of the loss: each completion's "
+        "reward loses kl_beta x the sum over its tokens of the KL estimate (behaviour vs "
+        "reference log-probs) before advantages are computed (verl's use_kl_in_reward).",
+    )
+    use_decoupled_loss: bool = Field(
+        default=False,
+        description="Decoupled PPO (AReaL): the ratio is taken against the policy's own "
+        "log-probs at the step's start (the proximal policy), and each token's loss is weighted "
+        "by pi_prox / pi_behaviour, the rollout engine's log-probs (see behav_imp_weight_*).",
+    )
+    behav_imp_weight_cap: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="Decoupled loss: the largest behaviour importance weight; above it a weight "
+        "is masked (0) or truncated to it, per behav_imp_weight_mode (unset: no cap).",
+    )
+    behav_imp_weight_floor: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="Decoupled loss, mask mode: weights below it are masked too (ICE-POP's "
+        "two-sided mask). Gantry's name; cosmos-rl has no such key.",
+    )
+    behav_imp_weight_mode: Literal["mask", "truncate"] = Field(
+        default="mask",
+        description="What behav_imp_weight_cap does: 'mask' (cosmos-rl, AReaL: weight 0) or "
+        "'truncate' (TIS: min(weight, cap)). Gantry's name, after verl/ms-swift's rollout "
+        "importance sampling modes.",
+    )
+    behav_imp_weight_level: Literal["token", "sequence"] = Field(
+        default="token",
+        description="The behaviour weight per token, or per completion: the geometric mean "
+        "exp(mean over tokens of (log pi_prox - log pi_behaviour)), capped as a whole.",
+    )
+    off_policy_masking_delta: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description="DeepSeek-V3.2 off-policy sequence masking: a completion with a negative "
+        "advantage whose mean (log pi_behaviour - log pi) exceeds this is left out of the loss.",
+    )
+    # ---- DAPO and rewards (gantry.config.rewards)
+    variant: Literal["grpo", "dapo", "gspo"] = Field(
+        default="grpo",
+        description="'gspo': GSPO's sequence-level ratio and clipping (docs/algorithms.md; "
+        "epsilon_low/high default to the paper's 3e-4/4e-4). 'dapo': DAPO's dynamic sampling, groups whose completions all got the same "
+        "reward are dropped by the controller and replaced by new prompts until the step's batch "
+        "is full (bounded by max_retry_for_on_policy); 'grpo': every group trains.",
+    )
+    max_retry_for_on_policy: int = Field(
+        default=-1,
+        description="DAPO: a step may draw at most this many batches' worth of prompts "
+        "(max_retry_for_on_policy x the step's groups) to fill its batch, else the run stops "
+        "naming it; <= 0: no bound (cosmos-rl's default -1).",
+    )
+    overlong_reward: OverlongRewardConfig = Field(
+        default_factory=OverlongRewardConfig, description="DAPO's soft overlong penalty."
+    )
+    reward_function: str | list[str] | dict[str, float] | None = Field(
+        default=None,
+        description="Weights of the reward functions by name (a name, a list: weight 1 each, or "
+        "{name = weight}); the reward is the weighted sum. Names are the script's reward "
+        "functions, 'overlong' and the reward_server's name. Unset: every reward function of the "
+        "script, weight 1.",
+    )
+    reward_server: RewardServerConfig = Field(
+        default_factory=RewardServerConfig,
+        description="A reward computed by the user's own HTTP scorer (off while url is empty).",
+    )
+
+    @model_validator(mode="after")
+    def _loss_options_agree(self) -> TrainPolicyConfig:
+        if self.variant == "gspo":
+            # GSPO's ratio is a per-token geometric mean, much closer to 1 than a token's: its
+            # paper clips at 3e-4 / 4e-4 (cosmos-rl keeps PPO's 0.2, which never clips it).
+            if "epsilon_low" not in self.model_fields_set:
+                self.epsilon_low = 3e-4
+            if "epsilon_high" not in self.model_fields_set:
+                self.epsilon_high = 4e-4
+        problems = []
+        if self.unbiased_loss_max_tokens and self.loss_type != "seq-mean-token-mean":
+            problems.append(f"unbiased_loss_max_tokens needs loss_type = "
+                            f"'seq-mean-token-mean' (Dr.GRPO), got {self.loss_type!r}")  # fmt: skip
+        if self.unbiased_advantage and self.scale_rewards == "batch":
+            problems.append("unbiased_advantage = true divides by no std: remove "
+                            "scale_rewards = 'batch'")  # fmt: skip
+        defaults = {"behav_imp_weight_cap": None, "behav_imp_weight_floor": None,
+                    "behav_imp_weight_mode": "mask", "behav_imp_weight_level": "token"}  # fmt: skip
+        stray = [k for k, v in defaults.items() if getattr(self, k) != v]
+        if stray and not self.use_decoupled_loss:
+            problems.append(f"{stray[0]} needs use_decoupled_loss = true")
+        if self.behav_imp_weight_floor is not None and self.behav_imp_weight_mode != "mask":
+            problems.append("behav_imp_weight_floor applies to behav_imp_weight_mode = "
+                            "'mask' only: remove it")  # fmt: skip
+        cap, floor = self.behav_imp_weight_cap, self.behav_imp_weight_floor
+        if cap is not None and floor is not None and floor >= cap:
+            problems.append(f"behav_imp_weight_floor ({floor}) must be below "
+                            f"behav_imp_weight_cap ({cap})")  # fmt: skip
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class CkptConfig(BaseModel):
@@ -100,6 +252,12 @@ class CkptConfig(BaseModel):
         default=True,
         description="Export the weights as Hugging Face safetensors (with config and tokenizer) "
         "at each checkpoint, not only at the end.",
+    )
+    export_lora_adapter: bool = Field(
+        default=False,
+        description="With [policy.lora]: export the adapter alone (adapter_model.safetensors "
+        "and adapter_config.json, for peft's PeftModel.from_pretrained on the base model) "
+        "instead of the merged model.",
     )
     max_keep: int = Field(
         default=5,

@@ -4,8 +4,9 @@ The Cosmos-Reason1 GRPO script sums `single_choice_reward_fn` and `format_reward
 written here from their documented behaviour in cosmos-rl (the same in the release the guides
 pin and in the current one), with cosmos-rl's signature `fn(to_be_evaluated, reference,
 **kwargs) -> float`. The others of that module (math_verify-based `boxed_math_reward_fn`,
-`overlong_reward_fn`, which reads the refused `overlong_reward` keys, ...) are not provided: an
-import of one fails naming what is.
+...) are not provided: an import of one fails naming what is. `overlong_reward_fn` is DAPO's
+soft overlong penalty with cosmos-rl's formula, reading `train.train_policy.overlong_reward`
+(gantry.config.rewards) from the `config` it is called with.
 """
 
 from __future__ import annotations
@@ -42,7 +43,25 @@ def single_choice_reward_fn(
     return 1.0 if _answer_of(to_be_evaluated).lower() == _answer_of(reference).lower() else 0.0
 
 
+def overlong_reward_fn(
+    to_be_evaluated: str,
+    reference: str | None = None,
+    config: Any = None,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> float:
+    """cosmos-rl's overlong_reward_fn: min(-(L - (max_response_length - buffer_length)) /
+    buffer_length * penalty_factor, 0), L the tokens of the completion's text re-encoded."""
+    if config is None or tokenizer is None:
+        raise ValueError("overlong_reward_fn needs config= and tokenizer= (cosmos-rl passes both)")
+    overlong = config.train.train_policy.overlong_reward
+    length = len(tokenizer.encode(to_be_evaluated, add_special_tokens=False))
+    exceed = length - (config.rollout.max_response_length - overlong.buffer_length)
+    return min(-exceed / overlong.buffer_length * overlong.penalty_factor, 0.0)
+
+
 PROVIDED = {
     "format_reward_fn": format_reward_fn,
     "single_choice_reward_fn": single_choice_reward_fn,
+    "overlong_reward_fn": overlong_reward_fn,
 }

@@ -4,6 +4,7 @@ A script is a plain Python file, imported by path in every process that needs it
     get_dataset(config) -> a sequence of samples (dicts)   # config: the [custom] section
     get_val_dataset(config) -> samples                     # optional: validation, evaluation
     reward_fns = [fn, ...]   # GRPO; fn(completion: str, sample: dict, **kw) -> float, summed
+                             # (weights, batched, async, (value, info): gantry.data.rewards)
 A sample has "messages" (chat messages) or "prompt" (a string, sent as one user message), plus
 any fields the reward functions read. GRPO and evaluation prompt the model with the messages
 before the last assistant turn (all of them when there is none); SFT trains on the assistant
@@ -16,7 +17,9 @@ the function and, for rewards, the sample it failed on.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import math
 import sys
 import traceback
@@ -78,7 +81,8 @@ class DatasetScript:
         return samples
 
     def score(self, completion: str, sample: Any, index: int) -> float:
-        """Sum of the reward functions for one completion of `sample` (dataset index `index`)."""
+        """Sum of the reward functions for one completion of `sample` (dataset index `index`),
+        unweighted (a run's rewards, weighted and batched: gantry.data.rewards.RewardSet)."""
         return sum(self.score_parts(completion, sample, index), 0.0)
 
     @property
@@ -113,6 +117,10 @@ class DatasetScript:
                         f"  completion: {completion!r:.200}\n"
                     ),
                 )
+            if inspect.isawaitable(value):  # an async reward function
+                value = call_user_code(f"{self.path}: reward function {name}", asyncio.run, value)
+            if isinstance(value, tuple) and len(value) == 2:  # (value, info): info logged
+                value = value[0]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DatasetScriptError(
                     f"{self.path}: reward function {name} returned {value!r} on sample {index}; "

@@ -14,11 +14,12 @@ from pathlib import Path
 import redis
 
 from gantry.comm.protocol import Keys, WorkerFailed
-from gantry.comm.transport import ControlPlane
+from gantry.comm.transport import LAUNCHER_RETRIES, ControlPlane
 from gantry.launch.console import Console, emit
 from gantry.launch.nodes import Placed, with_cpu_shares
 from gantry.launch.processes import Failure, ProcessGroupSupervisor
-from gantry.run.runtime import EXIT_BAD_INPUT, EXIT_RUN_FAILED, FATAL_FILE, RunInfo
+from gantry.run.deadline import lapsed_or_overdue
+from gantry.run.runtime import EXIT_BAD_INPUT, EXIT_RUN_FAILED, FATAL_FILE, FatalWatch, RunInfo
 
 EXIT_INTERRUPTED = 130
 
@@ -85,29 +86,31 @@ def run_processes(
     process that met an error a retry would meet again (RUN_DIR/fatal.json) stops the attempt
     at once: EXIT_BAD_INPUT."""
     run_dir = Path(info.run_dir)
-    plane = ControlPlane(info.redis_url)
+    plane = ControlPlane(info.redis_url, retries=LAUNCHER_RETRIES)
 
     def lost(name: str, how: str) -> None:
         replica = name.removeprefix("rollout")
         failed = WorkerFailed(role="rollout", replica=replica, error=f"process died with {how}")
         plane.send(info.keys.events, failed)
 
-    fatal = run_dir / FATAL_FILE
+    fatal = FatalWatch(run_dir, plane, info.keys)  # a recurring error, on any node
     supervisor = ProcessGroupSupervisor(run_dir / "logs", console)
     placed = with_cpu_shares(placed, sorted(os.sched_getaffinity(0)))
     try:
+        local = network_env(info)
         for process in placed:
-            supervisor.start(process.name, process_command(config, info, process), process.env)
+            command = process_command(config, info, process)
+            supervisor.start(process.name, command, {**process.env, **local})
         say(f"started {', '.join(p.name for p in placed)}; their logs: {run_dir / 'logs'}/")
         code = supervisor.wait(
             main="controller" if any(p.role == "controller" for p in placed) else None,
             expendable=lambda name: name.startswith("rollout"),
             on_lost=lost,
-            stop_when=lambda: stop_when() or fatal.exists(),
+            stop_when=lambda: stop_when() or fatal(),
             restart=ControllerRestarts(config.fault_tolerance.max_controller_restarts),
             hung=HeartbeatWatch(plane, info.keys, placed),
         )
-        return EXIT_BAD_INPUT if fatal.exists() else code
+        return EXIT_BAD_INPUT if fatal.look_now() else code
     except KeyboardInterrupt as exc:  # Ctrl-C, or Interrupted: SIGTERM, SIGHUP
         say(f"interrupted ({getattr(exc, 'name', 'SIGINT')}): stopping the run")
         return EXIT_INTERRUPTED
@@ -117,6 +120,19 @@ def run_processes(
             plane.close()
             if failures is not None and supervisor.failure is not None:
                 failures.append(supervisor.failure)
+
+
+def network_env(info: RunInfo) -> dict[str, str]:
+    """On one node (the run meets at 127.0.0.1, gantry.comm.store.SINGLE_NODE_HOST), gloo's and
+    NCCL's sockets (the process groups of the policy job, of weight sync, of vLLM's TP workers)
+    listen on the loopback interface: by themselves they take the address the host name
+    resolves to, or the first network interface, open to other machines. An interface the
+    user chose (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME) is kept. Across nodes: where the
+    stores in the run's Redis are (gantry.comm.store.RUN_STORE_ENV), for the weight sync."""
+    if info.head_host != "127.0.0.1":
+        return {"GANTRY_RUN_STORE": f"{info.redis_url} {info.keys.prefix}sync-store/"}
+    names = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+    return {name: "lo" for name in names if not os.environ.get(name)}
 
 
 def read_fatal(run_dir: Path) -> dict | None:
@@ -145,26 +161,25 @@ class ControllerRestarts:
 
 class HeartbeatWatch:
     """Whether a policy or rollout process stopped working: its heartbeat key, seen before,
-    has lapsed (the controller drops such a replica, or starts the run again). The launcher
-    then kills it: a hung or SIGSTOPped process is never left behind."""
+    has lapsed (the controller drops such a replica, or starts the run again), or says it is
+    long past its deadline; what it was doing, or "" (gantry.run.deadline.lapsed_or_overdue).
+    The launcher then kills it: a hung or SIGSTOPped process is never left behind."""
 
     def __init__(self, plane: ControlPlane, keys: Keys, placed: list[Placed]) -> None:
-        self.plane, self.seen = plane, set()
+        self.plane, self.seen = plane, {}
         self.keys = {
             p.name: keys.heartbeat(p.role, str(p.replica)) for p in placed if p.role != "controller"
         }
 
-    def __call__(self, name: str) -> bool:
+    def __call__(self, name: str) -> str:
         key = self.keys.get(name)
         if key is None:
-            return False
+            return ""
         try:
-            alive = self.plane.alive(key)
+            value = self.plane.redis.get(key)
         except redis.RedisError:
-            return False  # Redis itself is in trouble: that is reported elsewhere
-        if alive:
-            self.seen.add(name)
-        return not alive and name in self.seen
+            return ""  # Redis itself is in trouble: that is reported elsewhere
+        return lapsed_or_overdue(self.seen, name, value)
 
 
 def say(text: str) -> None:
@@ -174,9 +189,10 @@ def say(text: str) -> None:
 def process_command(config, info: RunInfo, process: Placed) -> list[str]:
     """The python arguments of one process. A policy replica is a torchrun agent: all of them
     form one job, replica i being torchrun's node i, with dp_replicate_size x dp_shard_size
-    local ranks, meeting at the address node 0 published. The agent runs under
-    gantry.launch.lifeline, which makes it die with the launcher (its ranks have sessions of
-    their own, which it kills)."""
+    local ranks, meeting through the store of gantry.launch.policy_job (127.0.0.1 on one node,
+    the run's Redis and its secret across nodes). The agent runs under gantry.launch.lifeline,
+    which makes it die with the launcher (its ranks have sessions of their own, which it
+    kills)."""
     run_dir = ["--run-dir", info.run_dir]
     if process.role == "controller":
         return ["-m", "controller", *run_dir]
@@ -184,11 +200,10 @@ def process_command(config, info: RunInfo, process: Placed) -> list[str]:
         cpus = ["--cpus", ",".join(map(str, process.cpus))] if process.cpus else []
         return ["-m", "rollout", *run_dir, "--replica", str(process.replica), *cpus]
     parallel = config.policy.parallelism
-    host, port = info.policy_master.rsplit(":", 1)
     return [
-        "-m", "gantry.launch.lifeline", "torch.distributed.run",
-        f"--nnodes={parallel.n_init_replicas}", f"--node-rank={process.replica}",
-        f"--nproc-per-node={parallel.ranks_per_replica}",
-        f"--master-addr={host}", f"--master-port={port}",
+        "-m", "gantry.launch.lifeline", "gantry.launch.policy_job", info.run_dir,
+        f"--nnodes={parallel.n_init_replicas}", f"--nproc-per-node={parallel.ranks_per_replica}",
+        "--rdzv-backend=gantry", f"--rdzv-endpoint={info.policy_master}",
+        f"--rdzv-id={info.run_id}-{info.attempt}", f"--rdzv-conf=rank={process.replica}",
         "-m", "policy", *run_dir, "--replica", str(process.replica),
     ]  # fmt: skip

@@ -10,8 +10,11 @@ started again alone and carries on from the state it keeps in Redis
 fails the run), the others are stopped and the run starts again from its last complete
 checkpoint (fault_tolerance.max_restarts times), else the launcher exits 1 naming it. An error
 that a restart would meet again (bad input found by a worker at start, RUN_DIR/fatal.json) is
-not retried: exit 2, one line. SIGINT (Ctrl-C), SIGTERM and SIGHUP stop every process and exit
-130, result.json saying "interrupted" and the last step. It exits 0 when training is done.
+not retried: exit 2, one line (a full disk is one). The embedded redis-server that dies is
+started again from its append-only file while max_restarts allows, the processes reconnecting
+(gantry.launch.redis_server.RedisWatch); else the run stops, exit 1, one line. SIGINT (Ctrl-C),
+SIGTERM and SIGHUP stop every process and exit 130, result.json saying "interrupted" and the
+last step. It exits 0 when training is done.
 
 The console shows Gantry's lines and, on a terminal, a progress bar (gantry.launch.console);
 everything each process writes is in RUN_DIR/logs/. Every process dies with the launcher, even
@@ -25,9 +28,12 @@ import json
 import secrets
 import shutil
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
+
+import redis
 
 from gantry.comm.transport import ControlPlane, redis_password
 from gantry.config import ConfigError, config_to_toml, load_config, write_resolved_config
@@ -45,10 +51,11 @@ from gantry.launch.attempt import (
 )
 from gantry.launch.checks import check_model_exists, check_model_fits
 from gantry.launch.console import Console
-from gantry.launch.multinode import Cluster, join_run, publish_run
+from gantry.launch.multinode import Cluster, JoinWatch, join_run, publish_run
 from gantry.launch.nodes import NodePlanError
 from gantry.launch.placement import LaunchError, find_resume_checkpoint, resolve_parallelism
-from gantry.launch.redis_server import RedisServer, RedisServerError, free_port
+from gantry.launch.processes import Failure
+from gantry.launch.redis_server import RedisServer, RedisServerError, RedisWatch, free_port
 from gantry.launch.run_secret import (
     check_configured_redis,
     ensure_password,
@@ -243,41 +250,35 @@ def new_run_dir(output_dir: Path, run_id: str) -> tuple[str, Path]:
 def run(config, info: RunInfo, cluster: Cluster, console: Console | None = None) -> int:
     run_dir = Path(info.run_dir)
     outcome.clear_stale(run_dir)
-    redis_server = None
-    url = config.redis.url
     # An embedded Redis always has a password (gantry.launch.run_secret); a configured one
     # has the one given, if any.
-    password = redis_password() if url else ensure_password()
+    password = redis_password() if config.redis.url else ensure_password()
     if password:
         write_secret(run_dir, password)
-    if not url:
-        redis_server = RedisServer(
-            run_dir / "redis",
-            cluster.redis_port or config.redis.port,
-            config.redis.executable,
-            bind=cluster.redis_bind,
-            password=password,
-            die_with_parent=True,
-        )
-        try:
-            url = redis_server.start()
-        except RedisServerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    info.redis_url = url
+    budget = RestartBudget(config.fault_tolerance.max_restarts)
+    try:
+        watch = start_redis(config, run_dir, cluster, password, budget)
+    except RedisServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    info.redis_url = watch.url
     print(f"run directory: {run_dir}", flush=True)
     console = console or Console()
     console.start_progress(run_dir / "metrics.jsonl", planned_steps(config, info.dataset_size))
     started, failures = time.monotonic(), []
     try:
-        code = run_with_restarts(config, info, cluster, console, failures)
+        code = run_with_restarts(config, info, cluster, console, failures, watch, budget)
     except KeyboardInterrupt:  # between attempts: no process is running
         code = EXIT_INTERRUPTED
+    except redis.ConnectionError as exc:  # the launcher's own use of it, between attempts
+        say(f"the run's Redis at {info.redis_url} cannot be reached ({exc}); stopping the run")
+        code = 1
     finally:
         with STOP_SIGNALS.deferred():
             console.stop()
-            if redis_server is not None:
-                redis_server.stop()
+            watch.close()  # before the server: the thread that restarted it must outlive it
+            if watch.server is not None:
+                watch.server.stop()
     if code == 0:
         return report_success(run_dir)
     return report_stop(run_dir, code, started, failures)
@@ -297,9 +298,10 @@ def report_stop(run_dir: Path, code: int, started: float, failures: list) -> int
     if code == EXIT_BAD_INPUT and fatal is not None:
         log = run_dir / "logs" / f"{fatal['process']}.log"
         outcome.write_result(run_dir, "failed", started, retried=False, **fatal)
+        where = f"; full log: {log}" if log.exists() else ""  # none for the launcher's own
         say(
             f"error: {fatal['process']}: {fatal['error']} (not retried: it would fail the same "
-            f"way again; full log: {log})"
+            f"way again{where})"
         )
         return EXIT_BAD_INPUT
     last = failures[-1] if failures else None
@@ -310,21 +312,57 @@ def report_stop(run_dir: Path, code: int, started: float, failures: list) -> int
     return code
 
 
+class RestartBudget:
+    """fault_tolerance.max_restarts, shared by the restarts of the whole run and those of a
+    dead embedded redis-server (taken from the Redis watch's thread, hence the lock)."""
+
+    def __init__(self, most: int) -> None:
+        self.most, self.used = most, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> str | None:
+        """One restart ("1/2"), or None when they are spent."""
+        with self._lock:
+            if self.used >= self.most:
+                return None
+            self.used += 1
+            return f"{self.used}/{self.most}"
+
+
+def start_redis(config, run_dir: Path, cluster: Cluster, password, budget) -> RedisWatch:
+    """The run's Redis, watched (gantry.launch.redis_server.RedisWatch): the embedded server,
+    started here with its append-only file in RUN_DIR/redis/, unless redis.url names one."""
+    if config.redis.url:
+        return RedisWatch(say, url=config.redis.url, password=password).start()
+    server = RedisServer(
+        run_dir / "redis",
+        cluster.redis_port or config.redis.port,
+        config.redis.executable,
+        bind=cluster.redis_bind,
+        password=password,
+        die_with_parent=True,
+        persist=True,
+    )
+    server.start()
+    return RedisWatch(say, server=server, take_restart=budget.take).start()
+
+
 def run_with_restarts(
-    config, info: RunInfo, cluster: Cluster, console: Console, failures: list
-) -> int:
+    config, info: RunInfo, cluster: Cluster, console: Console, failures: list,
+    watch: RedisWatch, budget: RestartBudget,
+) -> int:  # fmt: skip
     """Run the processes; when one the run cannot go on without dies, start them all again
-    from the run's last complete checkpoint, up to fault_tolerance.max_restarts times."""
-    restarts = config.fault_tolerance.max_restarts
-    first_resume = info.resume_from
-    for attempt in range(restarts + 1):
-        if attempt:
+    from the run's last complete checkpoint, while `budget` (fault_tolerance.max_restarts)
+    allows. The run's Redis lost for good (`watch`) ends it: exit 1."""
+    first_resume, restart = info.resume_from, None
+    while True:
+        if restart is not None:
             latest = checkpoints.latest_complete(Path(info.run_dir) / checkpoints.CHECKPOINTS)
             info.resume_from = str(latest) if latest is not None else first_resume
             ControlPlane(info.redis_url).delete_prefix(info.keys.prefix)
-            info.attempt = attempt
+            info.attempt += 1
             say(
-                f"restart {attempt}/{restarts}: "
+                f"restart {restart}: "
                 + (f"resuming from {info.resume_from}" if info.resume_from else "from the start")
             )
         elif info.resume_from:
@@ -332,11 +370,24 @@ def run_with_restarts(
         info.policy_master = f"{cluster.head_host}:{free_port(cluster.redis_bind)}"
         info.write()
         publish_run(info, cluster.run_key)  # the other nodes start (again) on this
-        code = run_processes(config, info, cluster.placed, console=console, failures=failures)
+        joined = JoinWatch(info, cluster, config.fault_tolerance.node_join_timeout_s)
+        code = run_processes(
+            config, info, cluster.placed, console=console, failures=failures,
+            stop_when=lambda joined=joined: joined() or watch.lost is not None,
+        )  # fmt: skip
+        if watch.lost is not None and code not in (0, EXIT_INTERRUPTED):  # said by the watch
+            log = Path(info.run_dir) / "redis" / "redis.log"
+            failures.append(Failure("redis-server", "death", watch.lost, log))
+            return 1
         if code in (0, EXIT_INTERRUPTED, EXIT_BAD_INPUT):  # a retry would meet bad input again
             return code
-    say(f"the run failed {restarts + 1} time(s) (fault_tolerance.max_restarts = {restarts})")
-    return code
+        restart = budget.take()
+        if restart is None:
+            say(
+                f"the run failed {info.attempt + 1} time(s) (fault_tolerance.max_restarts = "
+                f"{budget.most}{', some spent on its Redis' if watch.restarts else ''})"
+            )
+            return code
 
 
 def rollout_replicas(config) -> int:

@@ -2,7 +2,7 @@
 
 - `launcher_identity()` is what the launcher puts in each child's environment (LAUNCHER_ENV,
   "pid:start time"); `watch_launcher()`, called first thing in each role's `__main__` (and in the
-  torchrun agent, started as `python -m gantry.launch.lifeline torch.distributed.run ...`),
+  torchrun agent, started as `python -m gantry.launch.lifeline gantry.launch.policy_job ...`),
   starts a thread that, once that launcher is gone (even SIGKILLed, which no handler sees),
   SIGKILLs this process's descendants, its process group and itself. A thread and not
   PR_SET_PDEATHSIG: that signal would kill the process alone, leaving what it started (vLLM's
@@ -113,7 +113,8 @@ def watch_launcher() -> threading.Thread | None:
 def _watch(launcher: Ident) -> None:
     while is_alive(launcher):
         time.sleep(WATCH_INTERVAL_S)
-    print(f"the launcher (pid {launcher[0]}) is gone: exiting", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # its output went to the launcher: a broken pipe now
+        print(f"the launcher (pid {launcher[0]}) is gone: exiting", file=sys.stderr, flush=True)
     kill_tree(descendants(os.getpid()))
     if os.getpgrp() == os.getpid():  # this process leads its group: the launcher made it so
         with contextlib.suppress(ProcessLookupError):

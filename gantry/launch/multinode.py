@@ -31,7 +31,7 @@ from gantry.launch.attempt import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_processe
 from gantry.launch.nodes import Placed, node_plan
 from gantry.launch.placement import LaunchError, count_gpus
 from gantry.launch.processes import EXIT_RESTARTED
-from gantry.run.runtime import RunInfo
+from gantry.run.runtime import RunInfo, record_fatal
 
 RUN_KEY = "gantry:launch:"  # + run id: node 0's RunInfo for the other nodes
 FOLLOW_RESTART_S = 120.0  # after its processes failed, how long a node waits for a new attempt
@@ -121,6 +121,7 @@ def join_run(config, cluster: Cluster, timeout_s: float) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     while True:
+        announce_joined(plane, cluster, info.attempt)
         run_dir = Path(info.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)  # without a shared file system
         write_resolved_config(config, run_dir / "config.json")
@@ -136,6 +137,75 @@ def join_run(config, cluster: Cluster, timeout_s: float) -> int:
         except (LaunchError, redis.ConnectionError):
             return code
         say(f"node 0 started the run again: restarting node {cluster.node_rank}'s processes")
+
+
+def _joined_key(run_key: str, attempt: int, node_rank: int) -> str:
+    return f"{run_key}:joined:{attempt}:{node_rank}"
+
+
+def announce_joined(plane: ControlPlane, cluster: Cluster, attempt: int) -> None:
+    """Tell node 0 this node's launcher reached the run (`JoinWatch` waits for it)."""
+    key = _joined_key(cluster.run_key, attempt, cluster.node_rank)
+    plane.redis.set(key, socket.gethostname(), ex=7 * 24 * 3600)
+
+
+class JoinWatch:
+    """Node 0, during one attempt: whether every other node's launcher has joined. A missing
+    node is named after `REPORT_AFTER_S` (its own console says why: a wrong password, an
+    unreachable --controller address, another --run-id); at the timeout the run stops with
+    exit 2 (restarting node 0 would not bring it), recorded as a fatal error (fatal.json)."""
+
+    REPORT_AFTER_S = 60.0
+
+    def __init__(self, info: RunInfo, cluster: Cluster, timeout_s: float) -> None:
+        self.info, self.cluster, self.timeout_s = info, cluster, timeout_s
+        self.started = self._next_look = time.monotonic()
+        self.waiting = set(range(1, cluster.nnodes))
+        self.reported = False
+        self.plane = ControlPlane(info.redis_url) if self.waiting else None
+
+    def __call__(self) -> bool:
+        """Called by the attempt's supervisor loop: true to stop the attempt."""
+        now = time.monotonic()
+        if not self.waiting or now < self._next_look:
+            return False
+        self._next_look = now + 1.0
+        for rank in sorted(self.waiting):
+            key = _joined_key(self.cluster.run_key, self.info.attempt, rank)
+            try:
+                host = self.plane.redis.get(key)
+            except (redis.ConnectionError, redis.TimeoutError):  # the supervisor reports that
+                return False
+            if host is not None:
+                self.waiting.discard(rank)
+                say(f"node {rank} joined ({host.decode()})")
+        if not self.waiting:
+            self.plane.close()
+            return False
+        return self._overdue(now - self.started)
+
+    def _overdue(self, waited: float) -> bool:
+        missing = ", ".join(str(rank) for rank in sorted(self.waiting))
+        hint = (
+            "its console says why (a wrong GANTRY_REDIS_PASSWORD, a --controller address it "
+            f"cannot reach, another --run-id than {self.cluster.run_key.removeprefix(RUN_KEY)!r})"
+        )
+        if waited >= min(self.REPORT_AFTER_S, self.timeout_s) and not self.reported:
+            self.reported = True
+            say(
+                f"node(s) {missing} not joined after {waited:.0f}s: {hint}; waiting up to "
+                f"{self.timeout_s:.0f}s (fault_tolerance.node_join_timeout_s)"
+            )
+        if waited < self.timeout_s:
+            return False
+        self.plane.close()
+        record_fatal(
+            self.info,
+            "launcher",
+            f"node(s) {missing} did not join within {self.timeout_s:.0f}s "
+            f"(fault_tolerance.node_join_timeout_s): {hint}",
+        )
+        return True
 
 
 def _reach(url: str, timeout_s: float) -> ControlPlane:

@@ -11,9 +11,11 @@ run's.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
+from gantry.run.checkpoints import write_json_atomic
 from gantry.run.runtime import FATAL_FILE
 
 RESULT = "result.json"
@@ -53,5 +55,8 @@ def write_result(run_dir: Path, status: str, started: float, **fields) -> dict:
         "seconds": time.monotonic() - started,
         **fields,
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        write_json_atomic(path, result)
+    except OSError as exc:  # a full disk: the console line is what the user gets
+        print(f"[launcher] {RESULT} could not be written: {exc}", file=sys.stderr, flush=True)
     return result

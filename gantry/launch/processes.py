@@ -85,12 +85,17 @@ class ProcessGroupSupervisor:
     def _pump(self, child: Child) -> None:
         width = max(len(n) for n in [*self.children, child.name])
         # Appended: a restarted run's processes continue the logs of the attempt before.
-        with self._log_path(child.name).open("a") as log:
+        log = self._log_path(child.name).open("a")
+        try:
             for line in child.process.stdout:
-                log.write(line)
-                log.flush()
+                with contextlib.suppress(OSError):  # a full disk: the console still shows it
+                    log.write(line)
+                    log.flush()
                 child.tail.append(line)
                 self.console.child_line(child.name, width, line)
+        finally:
+            with contextlib.suppress(OSError):
+                log.close()
 
     def wait(
         self,
@@ -99,7 +104,7 @@ class ProcessGroupSupervisor:
         on_lost: Callable[[str, str], None] = lambda name, how: None,
         stop_when: Callable[[], bool] = lambda: False,
         restart: Callable[[str, int], bool] = lambda name, code: False,
-        hung: Callable[[str], bool] = lambda name: False,
+        hung: Callable[[str], bool | str] = lambda name: False,
     ) -> int:
         """Block until `main` exits 0 and the others follow (0; with no `main`, until every
         child exited 0), or a child fails (1), or `stop_when()` (EXIT_RESTARTED). An
@@ -107,7 +112,7 @@ class ProcessGroupSupervisor:
         on, unless every expendable child is gone; another child that fails is started again
         when `restart(name, exit code)` says so, the others running on. A live child that
         `hung(name)` says stopped working (its heartbeat lapsed) is killed, and then counts
-        as failed like any other."""
+        as failed like any other; a string from `hung` says why (what it was doing)."""
         lost: set[str] = set()
         while True:
             if stop_when():
@@ -135,9 +140,10 @@ class ProcessGroupSupervisor:
                 return self._drain(main, lost)
             time.sleep(0.2)
 
-    def _check_trees(self, hung: Callable[[str], bool]) -> None:
+    def _check_trees(self, hung: Callable[[str], bool | str]) -> None:
         """Every CHECK_INTERVAL_S: note each live child's descendants (killed with it later,
-        even once they are orphans), and kill a child whose heartbeat lapsed."""
+        even once they are orphans), and kill a child whose heartbeat lapsed or that is past
+        its deadline (gantry.run.deadline): not left behind, whatever the controller did."""
         if time.monotonic() - self._checked < CHECK_INTERVAL_S:
             return
         self._checked = time.monotonic()
@@ -145,10 +151,13 @@ class ProcessGroupSupervisor:
             if child.process.poll() is not None:
                 continue
             child.tree = lifeline.descendants(child.process.pid)
-            if hung(child.name):
+            why = hung(child.name)
+            if why:
+                if not isinstance(why, str):
+                    why = "stopped sending heartbeats (hung or stopped)"
                 emit(
-                    f"[launcher] {child.name} (pid {child.process.pid}) stopped sending "
-                    "heartbeats (hung or stopped): killing it and what it started",
+                    f"[launcher] {child.name} (pid {child.process.pid}) {why}: killing it and "
+                    "what it started",
                     err=True,
                 )
                 self._kill(child)

@@ -49,23 +49,31 @@ class Activity:
         self._state, self._detail = "starting", ""
         self._since = time.monotonic()
         self._since_wall = time.time()
+        self._deadline: tuple[float, str] = (0.0, "")  # of the current state (gantry.run.deadline)
         self._totals: dict[str, float] = {}
         self._fields: dict[str, object] = {}
 
-    def set(self, state: str, detail: str = "") -> None:
-        """Enter `state` now; the time since the last change is counted to the previous state."""
+    def set(self, state: str, detail: str = "", deadline: tuple[float, str] = (0.0, "")) -> None:
+        """Enter `state` now; the time since the last change is counted to the previous state.
+        `deadline`: (seconds, why) the state may last (0: no limit), published with it."""
         if state not in STATES:
             raise ValueError(f"activity state {state!r} is not one of {', '.join(STATES)}")
         with self._lock:
             now = time.monotonic()
             self._totals[self._state] = self._totals.get(self._state, 0.0) + now - self._since
-            self._state, self._detail = state, detail
+            self._state, self._detail, self._deadline = state, detail, deadline
             self._since, self._since_wall = now, time.time()
 
     @contextmanager
-    def doing(self, state: str, detail: str = "", then: str = "idle") -> Iterator[None]:
+    def doing(
+        self,
+        state: str,
+        detail: str = "",
+        then: str = "idle",
+        deadline: tuple[float, str] = (0.0, ""),
+    ) -> Iterator[None]:
         """`state` for the block, then `then` (idle by default), also when the block raises."""
-        self.set(state, detail)
+        self.set(state, detail, deadline)
         try:
             yield
         finally:
@@ -90,7 +98,8 @@ class Activity:
             return totals
 
     def snapshot(self) -> dict:
-        """What the heartbeat publishes: identity, state, detail, since (unix time), fields."""
+        """What the heartbeat publishes: identity, state, detail, since (unix time), the
+        state's deadline (seconds from `since`, and why; 0: none), fields."""
         with self._lock:
             return {
                 **self._identity,
@@ -98,6 +107,8 @@ class Activity:
                 "detail": self._detail,
                 "since": self._since_wall,
                 "beat": time.time(),
+                "deadline_s": self._deadline[0],
+                "deadline_why": self._deadline[1],
                 **self._fields,
             }
 

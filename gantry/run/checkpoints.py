@@ -11,11 +11,14 @@ stopped: it is never resumed from, and pruning deletes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from gantry.run.errors import disk_full_error, free_bytes, is_disk_full
 
 COMPLETE = "COMPLETE"
 CHECKPOINTS = "checkpoints"
@@ -41,13 +44,81 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader sees the old file or the whole new one, never a part."""
+    """Write JSON so that a reader sees the old file or the whole new one, never a part. On a
+    full disk the temporary file is removed and DiskFullError names the path."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    text = json.dumps(data, indent=2) + "\n"
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, len(text.encode())) from exc
+        raise
     os.replace(tmp, path)
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append `data` (whole lines) to `path` entirely or not at all: a write cut short (a full
+    disk) is truncated back to where the file ended, so that a reader never sees a partial
+    last line; then DiskFullError (or the OSError) is raised."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # a write may take less than asked when the disk fills
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            os.ftruncate(fd, end)
+            if is_disk_full(exc):
+                raise disk_full_error(path, len(data)) from exc
+            raise
+    finally:
+        os.close(fd)
+
+
+def trim_partial_line(path: Path) -> int:
+    """Cut a last line without its newline (left by a writer that died mid-write) off `path`;
+    the bytes removed."""
+    if not path.is_file():
+        return 0
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        keep = size
+        while keep > 0:
+            start = max(0, keep - 4096)
+            f.seek(start)
+            newline = f.read(keep - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        if keep < size:
+            f.truncate(keep)
+        return size - keep
+
+
+def failed_for_room(path: Path, needed: int, error: BaseException | None) -> bool:
+    """Whether a write of `needed` bytes under `path` failed for want of room. torch.save
+    reports a full disk as a RuntimeError without errno ("unexpected pos"), so a failed write
+    with less free than it still had to write counts as one too."""
+    if error is None:
+        return False
+    return is_disk_full(error) or free_bytes(path) < needed - tree_bytes(path)
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of the files under `path` (0 if it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed while we walk
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def mark_complete(path: Path, step: int) -> None:

@@ -17,18 +17,20 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.comm.protocol import Keys, WorkerFailed
 from gantry.comm.transport import PASSWORD_ENV, ControlPlane, redis_password
 from gantry.config import ConfigError, GantryConfig, read_resolved_config
 from gantry.run.activity import Activity
-from gantry.run.errors import RecursOnRetry
+from gantry.run.errors import RecursOnRetry, is_disk_full
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 30.0
@@ -208,18 +210,67 @@ _started = threading.Event()  # set by the first Heartbeat of this process
 
 
 def is_deterministic(exc: BaseException, *, started: bool) -> bool:
-    return isinstance(exc, ALWAYS_RECUR) or (not started and isinstance(exc, RECUR_AT_START))
+    if isinstance(exc, ALWAYS_RECUR) or is_disk_full(exc):  # a full disk stays full
+        return True
+    return not started and isinstance(exc, RECUR_AT_START)
 
 
 def record_fatal(info: RunInfo, process: str, error: str) -> None:
     """RUN_DIR/fatal.json: an error that a restart would meet again (the first one written
-    wins: the others are its consequences). The launcher reads it and stops the run (exit 2)."""
+    wins: the others are its consequences). The launcher reads it and stops the run (exit 2).
+    The record also goes to the run's Redis, where node 0's launcher finds it when this
+    process runs on another node (`FatalWatch`)."""
     first_line = (error.strip().splitlines() or [""])[0]  # its traceback is in the log
     record = json.dumps({"process": process, "error": first_line}) + "\n"
+    _write_fatal_file(Path(info.run_dir), record)
+    if not info.redis_url:  # the launcher, before its Redis is up
+        return
+    try:
+        plane = ControlPlane(info.redis_url)
+        try:
+            plane.redis.set(info.keys.fatal, record, nx=True)
+        finally:
+            plane.close()
+    except redis.RedisError:  # the file is written: on node 0, that is what the launcher reads
+        pass
+
+
+def _write_fatal_file(run_dir: Path, record: str) -> None:
     with contextlib.suppress(FileExistsError):
-        fd = os.open(Path(info.run_dir) / FATAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(run_dir / FATAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(record)
+
+
+class FatalWatch:
+    """Whether a process of the run, on any node, recorded an error a retry would meet again:
+    RUN_DIR/fatal.json here, or the record in the run's Redis (looked at once a second), which
+    is then copied into RUN_DIR/fatal.json for the launcher's report."""
+
+    def __init__(self, run_dir: Path, plane: ControlPlane, keys: Keys) -> None:
+        self.path, self.plane, self.key = run_dir / FATAL_FILE, plane, keys.fatal
+        self._next_look = 0.0
+
+    def __call__(self) -> bool:
+        if self.path.exists():
+            return True
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + 1.0
+        return self.look_now()
+
+    def look_now(self) -> bool:
+        if self.path.exists():
+            return True
+        try:
+            record = self.plane.redis.get(self.key)
+        except (redis.ConnectionError, redis.TimeoutError):  # the run's Redis going away
+            return False
+        if record is None:
+            return False
+        _write_fatal_file(self.path.parent, record.decode())
+        return True
 
 
 def host_name() -> str:
