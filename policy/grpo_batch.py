@@ -1,6 +1,7 @@
 """A GRPO step's batch-wide quantities, the same on every policy rank: advantages from the
 rewards of all groups (normalised per group, by the batch's std, or not at all), the KL
-penalty moved into the rewards (use_kl_in_reward), and the loss's global denominators.
+penalty moved into the rewards (use_kl_in_reward), the loss's global denominators, and the
+shared prefixes left out of the loss (min_filter_prefix_tokens).
 
 Every rank holds all the step's rows (policy.trainer.rows_of) but computes log-probs for its
 own share only: what needs every row's log-probs is summed over ranks here.
@@ -60,3 +61,48 @@ def local_units(masks: Sequence[torch.Tensor], rewards: Sequence[torch.Tensor], 
     units = sum(loss_units(m, loss_type) for m in masks)
     positive = sum(float(m[r > 0].sum()) for m, r in zip(masks, rewards, strict=True))
     return torch.tensor([tokens, units, positive], dtype=torch.float64)
+
+
+def shared_prefix_ignores(
+    completions: Sequence[Sequence[int]],
+    rewards: Sequence[float],
+    min_tokens: int | None,
+    end_ids: frozenset[int] = frozenset(),
+) -> list[int]:
+    """cosmos-rl's `min_filter_prefix_tokens`: how many leading tokens of each completion of
+    one group the loss leaves out. Completions that share a prefix of at least `min_tokens`
+    tokens (a maximal one: no longer prefix is shared by two of them) but got different rewards
+    would push that prefix both ways: its tokens are left out for each of them, unless the
+    prefix is the whole completion (nothing after it but an end token, `end_ids`), as in
+    cosmos-rl's reward calculator. A group whose rewards are all equal is left as it is."""
+    ignores = [0] * len(completions)
+    if not min_tokens or len(set(rewards)) < 2:
+        return ignores
+    for length, members in _maximal_prefix_groups(completions, min_tokens):
+        if len({rewards[i] for i in members}) < 2:
+            continue
+        for i in members:
+            if any(token not in end_ids for token in completions[i][length:]):
+                ignores[i] = length
+    return ignores
+
+
+def _maximal_prefix_groups(
+    sequences: Sequence[Sequence[int]], min_tokens: int
+) -> list[tuple[int, list[int]]]:
+    """(prefix length, members) of each prefix of >= min_tokens tokens shared by two or more
+    sequences and not extended by two of them (a trie's deepest shared nodes)."""
+    root: dict = {"members": [], "children": {}}
+    for index, sequence in enumerate(sequences):
+        node = root
+        for token in sequence:
+            node = node["children"].setdefault(token, {"members": [], "children": {}})
+            node["members"].append(index)
+    groups, stack = [], [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        shared = [child for child in node["children"].values() if len(child["members"]) > 1]
+        if depth >= min_tokens and len(node["members"]) > 1 and not shared:
+            groups.append((depth, node["members"]))
+        stack.extend((child, depth + 1) for child in shared)
+    return groups

@@ -30,7 +30,13 @@ from gantry.models.loading import is_vision_language, media_token_ids
 from gantry.run.errors import NonFiniteError
 from policy.export import tied_weight_names
 from policy.grpo import LossSettings, grpo_loss
-from policy.grpo_batch import advantages_for, gather_rows, kl_sums, local_units
+from policy.grpo_batch import (
+    advantages_for,
+    gather_rows,
+    kl_sums,
+    local_units,
+    shared_prefix_ignores,
+)
 from policy.lora import base_of, is_lora, merged_parameters
 from policy.optim import build_optimizer, build_scheduler
 from policy.parallel import (
@@ -64,22 +70,33 @@ class Row:
     vision: VisionInputs = field(default_factory=VisionInputs)  # the prompt's images / videos
     prompt_id: str = ""
     reward: float = 0.0
+    ignore_prefix: int = 0  # leading completion tokens the loss leaves out (shared prefix)
 
 
-def rows_of(groups: list[RolloutGroup], scale: str = "group") -> list[Row]:
+def rows_of(
+    groups: list[RolloutGroup],
+    scale: str = "group",
+    min_prefix: int | None = None,
+    end_ids: frozenset[int] = frozenset(),
+) -> list[Row]:
     """All completions of the batch in a fixed order, with their advantages: r - mean(group),
-    divided by the group's std ("group"), the batch's ("batch") or nothing ("none")."""
+    divided by the group's std ("group"), the batch's ("batch") or nothing ("none"), and the
+    shared prefixes the loss leaves out (min_filter_prefix_tokens = `min_prefix`)."""
     ordered = sorted(groups, key=lambda g: g.prompt_id)
     rewards = [s.reward for g in ordered for s in g.samples]
     advantages = iter(advantages_for(rewards, [len(g.samples) for g in ordered], scale))
     rows = []
     for group in ordered:
         prompt = group.prompt_token_ids
-        for sample in group.samples:
+        ignores = shared_prefix_ignores(
+            [s.token_ids for s in group.samples], [s.reward for s in group.samples],
+            min_prefix, end_ids,
+        )  # fmt: skip
+        for sample, ignore in zip(group.samples, ignores, strict=True):
             rows.append(
                 Row(
                     prompt + sample.token_ids, len(prompt), sample.logprobs, next(advantages),
-                    prompt_id=group.prompt_id, reward=sample.reward,
+                    prompt_id=group.prompt_id, reward=sample.reward, ignore_prefix=ignore,
                 )
             )  # fmt: skip
     return rows
@@ -139,7 +156,7 @@ def pack_rows(rows: list[Row], pad_token_id: int, device: torch.device) -> Packe
         input_ids[i, :end] = torch.tensor(row.token_ids)
         attention_mask[i, :end] = 1
         # Token t (t >= prompt_len) is predicted at position t - 1.
-        completion_mask[i, row.prompt_len - 1 : end - 1] = 1.0
+        completion_mask[i, row.prompt_len - 1 + row.ignore_prefix : end - 1] = 1.0
         behaviour_logprobs[i, row.prompt_len - 1 : end - 1] = torch.tensor(row.logprobs)
     advantages = torch.tensor([r.advantage for r in rows], dtype=torch.float32)
     return PackedBatch(
@@ -232,6 +249,8 @@ class Trainer:
         optimizer_steps = total_steps * config.train.train_policy.mu_iterations
         self.scheduler = build_scheduler(self.optimizer, config.train, optimizer_steps)
         self.pad_token_id = _text_config(self.model.config).pad_token_id or 0
+        eos = _text_config(self.model.config).eos_token_id
+        self.end_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.vision = is_vision_language(self.model.config)
         # Blank media rows keep the ranks' collectives in step (policy.vision); a single rank
         # has none to keep in step with.
@@ -319,7 +338,9 @@ class GRPOTrainer(Trainer):
         policy before the step's first update)."""
         started = time.perf_counter()
         policy_cfg = self.config.train.train_policy
-        rows = rows_of(groups, advantage_scale(policy_cfg))
+        rows = rows_of(
+            groups, advantage_scale(policy_cfg), policy_cfg.min_filter_prefix_tokens, self.end_ids
+        )
         mine = share_of(rows, self.env.rank, self.env.world_size)
         if self.vision:
             self._attach_vision(mine, {g.prompt_id: g for g in groups})

@@ -98,8 +98,8 @@ cp_rotate_method = "allgather"
 """
 
 # The guide's rl.toml in the current release's layout ([validation] section, on_policy), with
-# the refused keys the guide sets (temperature = 0.9, min_filter_prefix_tokens = 1) at values
-# Gantry honours: temperature as the sampler's, no prefix filter.
+# the keys the guide sets (temperature = 0.9) at values
+# Gantry honours: temperature as the sampler's.
 CURRENT_GRPO = """
 redis = "12800"
 
@@ -250,13 +250,17 @@ def test_moved_key_takes_effect_and_conflict_is_an_error(old, new, value):
         load_config(None, [f"{old}={value}", f"{new}={other}"])
 
 
-def test_fully_on_policy_is_moved_then_judged_like_on_policy():
-    _, ignored, (note,) = load_warned(None, ["train.train_policy.fully_on_policy=false"])
-    assert ignored == {"train.train_policy.on_policy": False}
-    assert "train.train_policy.fully_on_policy (older cosmos-rl)" in note
-    refused = pytest.raises(ConfigError, match=r"train\.train_policy\.on_policy = true: .*allowed_")
-    with refused, pytest.warns(ConfigWarning):
-        load_config(None, ["train.train_policy.fully_on_policy=true"])
+def test_on_policy_is_synchronous_training_under_either_name():
+    config, ignored, (note,) = load_warned(None, ["train.train_policy.fully_on_policy=true"])
+    assert "train.train_policy.fully_on_policy (older cosmos-rl)" in note and ignored == {}
+    assert config.train.train_policy.on_policy
+    assert config.train.train_policy.allowed_outdated_steps == 0
+    assert load_config(None, []).train.train_policy.allowed_outdated_steps == 4
+    both = ["train.train_policy.on_policy=true", "train.train_policy.allowed_outdated_steps=2"]
+    with pytest.raises(ConfigError, match=r"on_policy = true .* allowed_outdated_steps = 2"):
+        load_config(None, both)
+    with pytest.raises(ConfigError, match=r"on_policy = true needs train\.sync_weight_interval"):
+        load_config(None, ["train.train_policy.on_policy=true", "train.sync_weight_interval=2"])
 
 
 # A value Gantry does not honour, for every refused key (a key added to REFUSED without one
@@ -298,11 +302,9 @@ REFUSED_VALUES = {
     "train.train_policy.advantage_high": "1.0",
     "train.train_policy.batch_size_per_optimize": "8",
     "train.train_policy.max_token_len_per_mini_batch": "8192",
-    "train.train_policy.on_policy": "true",
     "train.train_policy.uncentralized_training": "true",
     "train.train_policy.outdated_rollout_fetch_batch_size": "4",
     "train.train_policy.max_inflight_steps": "2",
-    "train.train_policy.min_filter_prefix_tokens": "1",
     "train.train_policy.reference_reset_interval": "100",
     "train.train_policy.dataloader_seed": "7",
     "train.train_policy.dataloader_drop_last": "false",

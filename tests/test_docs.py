@@ -82,10 +82,20 @@ def anchors(page: Path) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
+def _defines(path: Path, name: str) -> bool:
+    return path.is_file() and re.search(rf"^def {re.escape(name)}\(", path.read_text(), re.M)
+
+
 def stale_references(page: Path, text: str) -> list[str]:
     """What `text` (the contents of `page`) names that does not exist."""
     stale = []
     for token in code_tokens(text):
+        file, _, test_name = token.partition("::")  # tests/test_x.py::test_y names a test
+        if file.endswith(".py") and test_name and not _defines(ROOT / file, test_name):
+            stale.append(token)
+            continue
+        if file.endswith(".py"):
+            token = file
         path = repo_path(token)
         if path is not None and not (ROOT / path).exists():
             stale.append(path)

@@ -120,3 +120,35 @@ def test_rows_of_take_the_configured_advantage_scale_and_keep_rewards():
     assert advantage_scale(policy) == "none"
     policy = load_config(None, ['train.train_policy.scale_rewards="batch"']).train.train_policy
     assert advantage_scale(policy) == "batch"
+
+
+def test_shared_prefixes_with_different_rewards_leave_the_loss():
+    """cosmos-rl's min_filter_prefix_tokens, on hand-made groups: the maximal shared prefix of
+    completions that disagree is masked, unless it is the whole completion (end token aside)."""
+    from gantry.comm.protocol import RolloutGroup, Sample
+    from policy.grpo_batch import shared_prefix_ignores
+    from policy.trainer import pack_rows, rows_of
+
+    eos = frozenset({9})
+    completions = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 7], [1, 2, 3, 9], [6]]
+    rewards = [1.0, 0.0, 1.0, 0.0, 1.0]
+    # [1,2,3] is shared by 0, 1, 3 (rewards differ): masked for 0 and 1; 3 is [1,2,3]+eos.
+    assert shared_prefix_ignores(completions, rewards, 2, eos) == [3, 3, 0, 0, 0]
+    assert shared_prefix_ignores(completions, rewards, 4, eos) == [0] * 5  # too short a prefix
+    assert shared_prefix_ignores(completions, rewards, None, eos) == [0] * 5
+    assert shared_prefix_ignores(completions, [1.0] * 5, 1, eos) == [0] * 5  # no signal
+    # Members of a shared prefix that agree keep it, whatever the rest of the group got.
+    assert shared_prefix_ignores([[1, 2, 3], [1, 2, 4], [5]], [1.0, 1.0, 0.0], 1) == [0, 0, 0]
+
+    samples = [
+        Sample(token_ids=t, logprobs=[0.0] * len(t), reward=r, finish_reason="stop")
+        for t, r in zip(completions[:2], rewards[:2], strict=True)
+    ]
+    group = RolloutGroup(
+        prompt_id="0:0", replica="0", policy_version=0, prompt_token_ids=[8, 8], samples=samples
+    )
+    rows = rows_of([group], "none", 2, eos)
+    assert [r.ignore_prefix for r in rows] == [3, 3]
+    packed = pack_rows(rows, pad_token_id=0, device=torch.device("cpu"))
+    # Prompt of 2: completion tokens sit at positions 1..4; the first three are left out.
+    assert packed.completion_mask.tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 0, 1]]

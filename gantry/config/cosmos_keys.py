@@ -106,7 +106,7 @@ HINTS: dict[str, set[str]] = {
     # dispatched: speed only. balance_dp_token moves samples between the ranks of one step;
     # Gantry normalises the loss over the whole step, so the gradient is the same. remote_reward,
     # reset_optimizer_with_reference, load_balanced_*, clip_ratio_c:
-    # read only with a refused key (use_remote_reward, on_policy, reference_reset_interval,
+    # read only with a refused key (use_remote_reward, reference_reset_interval,
     # enable_dp_load_balancing, [vla]). rollout_as_token_ids / collect_rollout_logprobs /
     # use_rollout_logprobs_for_loss: Gantry always sends token ids and the engine's log-probs
     # with each rollout and trains against them (docs/architecture.md).
@@ -197,12 +197,9 @@ REFUSED: dict[str, dict[str, str]] = {
         "batch_size_per_optimize": "one optimizer step per train_batch_per_replica batch "
         "(x mu_iterations): remove it",
         "max_token_len_per_mini_batch": "use train.train_policy.mini_batch",
-        "on_policy": "Gantry bounds staleness with train.train_policy.allowed_outdated_steps "
-        "(0: train only on rollouts of the current weights): set that and remove this key",
         "uncentralized_training": _NOT_IMPLEMENTED,
         "outdated_rollout_fetch_batch_size": "use train.train_policy.allowed_outdated_steps",
         "max_inflight_steps": "use train.train_policy.allowed_outdated_steps",
-        "min_filter_prefix_tokens": "masking shared prefixes in the loss is " + _NOT_IMPLEMENTED,
         "reference_reset_interval": "resetting the reference model is " + _NOT_IMPLEMENTED,
         "dataloader_seed": "Gantry shuffles with train.seed: set that and remove this key",
         "dataloader_drop_last": "Gantry trains on full batches only (drop_last = true): remove it",
@@ -290,11 +287,9 @@ SAME_AS_GANTRY: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
     "train.train_policy.advantage_high": _never_clips(1),
     "train.train_policy.batch_size_per_optimize": _is(None),
     "train.train_policy.max_token_len_per_mini_batch": _is(None),
-    "train.train_policy.on_policy": _is(False),
     "train.train_policy.uncentralized_training": _is(False),
     "train.train_policy.outdated_rollout_fetch_batch_size": _is(0),
     "train.train_policy.max_inflight_steps": _is(None),
-    "train.train_policy.min_filter_prefix_tokens": _is(None),
     "train.train_policy.reference_reset_interval": _is(None),
     "train.train_policy.dataloader_seed": _is(0),
     "train.train_policy.dataloader_drop_last": _is(True),

@@ -39,6 +39,22 @@ class DatasetScriptError(RecursOnRetry, ValueError):
     take: the same script on the same data fails again, so a run does not restart on it."""
 
 
+def checked_reward(what: str, value: Any, index: int, completion: str) -> float:
+    """A reward function's value as a float, or DatasetScriptError naming `what` returned it
+    (its script and function), the sample and the completion."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DatasetScriptError(
+            f"{what} returned {value!r} on sample {index}; it must return a float (or a "
+            "(float, dict) pair)"
+        )
+    if not math.isfinite(value):  # one inf or NaN reward makes every weight NaN
+        raise DatasetScriptError(
+            f"{what} returned {value!r} on sample {index} (completion {completion!r:.80}); a "
+            "reward must be a finite float"
+        )
+    return float(value)
+
+
 @dataclass
 class DatasetScript:
     path: Path
@@ -121,17 +137,9 @@ class DatasetScript:
                 value = call_user_code(f"{self.path}: reward function {name}", asyncio.run, value)
             if isinstance(value, tuple) and len(value) == 2:  # (value, info): info logged
                 value = value[0]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise DatasetScriptError(
-                    f"{self.path}: reward function {name} returned {value!r} on sample {index}; "
-                    "it must return a float"
-                )
-            if not math.isfinite(value):  # one inf or NaN reward makes every weight NaN
-                raise DatasetScriptError(
-                    f"{self.path}: reward function {name} returned {value!r} on sample {index} "
-                    f"(completion {completion!r:.80}); a reward must be a finite float"
-                )
-            parts.append(float(value))
+            parts.append(
+                checked_reward(f"{self.path}: reward function {name}", value, index, completion)
+            )
         return parts
 
 

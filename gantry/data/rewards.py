@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gantry.config.rewards import overlong_penalty, reward_weights
-from gantry.data.plugin import DatasetScript, DatasetScriptError, call_user_code
+from gantry.data.plugin import DatasetScript, DatasetScriptError, call_user_code, checked_reward
 from gantry.data.remote_reward import RemoteReward
 
 OVERLONG = "overlong"
@@ -115,7 +115,11 @@ class RewardSet:
                 values = self._call(reward, completions, lengths, sample, index, prompt_id)
             column = []
             for i, (value, info) in enumerate(values):
-                column.append(self._checked(reward.name, value, index, completions[i]))
+                column.append(
+                    checked_reward(
+                        f"{self.path}: reward function {reward.name}", value, index, completions[i]
+                    )
+                )
                 if info:
                     infos[i].update(self._checked_info(reward.name, info, index))
             columns.append(column)
@@ -178,19 +182,6 @@ class RewardSet:
                 f"sample {index}; give a list of {n} dicts (one per completion)"
             )
         return list(zip(values, infos, strict=True))
-
-    def _checked(self, name: str, value: Any, index: int, completion: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DatasetScriptError(
-                f"{self.path}: reward function {name} returned {value!r} on sample {index}; "
-                "it must return a float (or a (float, dict) pair)"
-            )
-        if not math.isfinite(value):  # one inf or NaN reward makes every weight NaN
-            raise DatasetScriptError(
-                f"{self.path}: reward function {name} returned {value!r} on sample {index} "
-                f"(completion {completion!r:.80}); a reward must be a finite float"
-            )
-        return float(value)
 
     def _checked_info(self, name: str, info: Any, index: int) -> dict:
         if not isinstance(info, dict):
