@@ -54,7 +54,10 @@ class GRPOPlan:
         policy = config.train.train_policy
         self.dapo = policy.variant == "dapo"
         self.max_retry = policy.max_retry_for_on_policy
-        self.buffer = RolloutBuffer(run.groups_per_step, policy.allowed_outdated_steps, self.dapo)
+        self.buffer = RolloutBuffer(
+            run.groups_per_step, policy.allowed_outdated_steps, self.dapo,
+            policy.filter_reward_metric,
+        )  # fmt: skip
         if self.dapo:
             # Dropped prompts are replaced by the next ones, from further passes over the
             # dataset when needed: the run trains its planned steps, each batch full.

@@ -13,9 +13,11 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from gantry.comm.protocol import PromptTask, RolloutGroup, prompt_id_parts
+from gantry.config import ConfigError
 
 
 def task_of(prompt_id: str) -> PromptTask:
@@ -93,10 +95,18 @@ class BufferStats:
 class RolloutBuffer:
     """Results waiting for a policy step; each prompt is trained at most once."""
 
-    def __init__(self, groups_per_step: int, max_staleness: int, drop_equal: bool = False) -> None:
+    def __init__(
+        self,
+        groups_per_step: int,
+        max_staleness: int,
+        drop_equal: bool = False,
+        filter_names: Sequence[str] = (),
+    ) -> None:
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness
         self.drop_equal = drop_equal
+        # DAPO's filter_reward_metric: the reward functions whose values decide (all: the reward).
+        self.filter_names = tuple(filter_names)
         self._groups: deque[tuple[RolloutGroup, str]] = deque()
         self._seen: set[str] = set()
         self.stats = BufferStats()
@@ -131,13 +141,25 @@ class RolloutBuffer:
             self.stats.dropped_stale += 1
             return "stale"
         self._seen.add(group.prompt_id)
-        if self.drop_equal and len({s.reward for s in group.samples}) == 1:
+        if self.drop_equal and len(set(self._filter_values(group))) == 1:
             self.stats.dropped_equal += 1
             self.stats.dropped_since_batch.append(group.prompt_id)
             return "dropped"
         self._groups.append((group, entry_id))
         self.stats.accepted += 1
         return "accepted"
+
+    def _filter_values(self, group: RolloutGroup) -> list[float]:
+        if not self.filter_names:
+            return [s.reward for s in group.samples]
+        missing = [n for n in self.filter_names if n not in group.reward_names]
+        if missing:
+            raise ConfigError([
+                f"train.train_policy.filter_reward_metric names {missing}, not reward functions "
+                f"of the dataset script (its reward_fns: {group.reward_names})"
+            ])  # fmt: skip
+        at = [group.reward_names.index(name) for name in self.filter_names]
+        return [sum(s.reward_parts[i] for i in at) for s in group.samples]
 
     def take_batch(
         self, version: int

@@ -294,7 +294,6 @@ REFUSED_VALUES = {
     "train.train_policy.trainer_type": '"custom"',
     "train.train_policy.algo": '"reinforce"',
     "train.train_policy.use_remote_reward": "true",
-    "train.train_policy.filter_reward_metric": '["accuracy"]',
     "train.train_policy.bypass_reward": "true",
     "train.train_policy.group_reward_calculation": "true",
     "train.train_policy.temperature": "0.9",

@@ -63,6 +63,34 @@ def dispatched(run: Run) -> list[str]:
     return [m.prompt_id for m in run.plane.read_next(run.keys.prompts("0"), None, count=100)]
 
 
+def test_filter_reward_metric_decides_on_the_named_rewards_only():
+    """cosmos-rl's filter_reward_metric: a group whose `correct` values are all equal is
+    dropped although its format reward varies; a name the script does not have is one line."""
+    from controller.scheduler import RolloutBuffer
+    from gantry.comm.protocol import RolloutGroup, Sample
+    from gantry.config import ConfigError, load_config
+
+    def group(pid, parts):
+        samples = [Sample(token_ids=[1], logprobs=[0.0], reward=sum(p), reward_parts=list(p),
+                          finish_reason="stop") for p in parts]  # fmt: skip
+        return RolloutGroup(prompt_id=pid, replica="0", policy_version=0, prompt_token_ids=[1],
+                            samples=samples, reward_names=["correct", "format"])  # fmt: skip
+
+    buffer = RolloutBuffer(2, 4, drop_equal=True, filter_names=["correct"])
+    assert buffer.add(group("0:0", [(1.0, 0.0), (1.0, 0.5)]), "1-0", 0) == "dropped"
+    assert buffer.add(group("0:1", [(1.0, 0.0), (0.0, 0.0)]), "2-0", 0) == "accepted"
+    plain = RolloutBuffer(2, 4, drop_equal=True)
+    assert plain.add(group("0:0", [(1.0, 0.0), (1.0, 0.5)]), "1-0", 0) == "accepted"
+    wrong = RolloutBuffer(2, 4, drop_equal=True, filter_names=["accuracy"])
+    with pytest.raises(ConfigError, match=r"filter_reward_metric names \['accuracy'\].*'format'"):
+        wrong.add(group("0:2", [(1.0, 0.0), (1.0, 0.0)]), "3-0", 0)
+    config = load_config(None, ["train.train_policy.variant=dapo",
+                                "train.train_policy.filter_reward_metric=correct"])  # fmt: skip
+    assert config.train.train_policy.filter_reward_metric == ["correct"]
+    with pytest.raises(ConfigError, match="filter_reward_metric is read with variant = 'dapo'"):
+        load_config(None, ["train.train_policy.filter_reward_metric=correct"])
+
+
 def test_equal_groups_are_dropped_and_new_prompts_fill_the_batch(redis_url, tmp_path):
     run, plan = make_run(redis_url, tmp_path)
     plan.advance()

@@ -187,7 +187,6 @@ REFUSED: dict[str, dict[str, str]] = {
         "use_remote_reward": "cosmos-rl's remote reward service (enqueue/fetch URLs from "
         "environment variables) is not implemented: give your scorer's URL as "
         "train.train_policy.reward_server.url (docs/dataset-scripts.md)",
-        "filter_reward_metric": "filter rewards (dynamic sampling) are " + _NOT_IMPLEMENTED,
         "bypass_reward": _NOT_IMPLEMENTED,
         "group_reward_calculation": "rewards are computed per completion: remove it",
         "temperature": "Gantry's policy computes log-probs at rollout.sampling_config."
@@ -279,7 +278,6 @@ SAME_AS_GANTRY: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
     ),
     "train.train_policy.algo": _is("grpo"),
     "train.train_policy.use_remote_reward": _is(False),
-    "train.train_policy.filter_reward_metric": _is([], ""),
     "train.train_policy.bypass_reward": _is(False),
     "train.train_policy.group_reward_calculation": _is(False),
     "train.train_policy.temperature": _same_temperature,

@@ -194,6 +194,13 @@ class TrainPolicyConfig(BaseModel):
         "(max_retry_for_on_policy x the step's groups) to fill its batch, else the run stops "
         "naming it; <= 0: no bound (cosmos-rl's default -1).",
     )
+    filter_reward_metric: list[str] = Field(
+        default_factory=list,
+        description="DAPO: the reward functions (names of the dataset script's reward_fns, "
+        "one name or a list) whose summed, unweighted values decide whether a group's "
+        "completions all got the same reward and it is dropped; empty: the reward itself. Read "
+        "with variant = 'dapo' only.",
+    )
     overlong_reward: OverlongRewardConfig = Field(
         default_factory=OverlongRewardConfig, description="DAPO's soft overlong penalty."
     )
@@ -209,6 +216,11 @@ class TrainPolicyConfig(BaseModel):
         description="A reward computed by the user's own HTTP scorer (off while url is empty).",
     )
 
+    @field_validator("filter_reward_metric", mode="before")
+    @classmethod
+    def _one_name_or_several(cls, value):
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _loss_options_agree(self) -> TrainPolicyConfig:
         if self.variant == "gspo":
@@ -219,6 +231,9 @@ class TrainPolicyConfig(BaseModel):
             if "epsilon_high" not in self.model_fields_set:
                 self.epsilon_high = 4e-4
         problems = []
+        if self.filter_reward_metric and self.variant != "dapo":
+            problems.append("filter_reward_metric is read with variant = 'dapo' only (dynamic "
+                            f"sampling), got variant = {self.variant!r}")  # fmt: skip
         if self.unbiased_loss_max_tokens and self.loss_type != "seq-mean-token-mean":
             problems.append(f"unbiased_loss_max_tokens needs loss_type = "
                             f"'seq-mean-token-mean' (Dr.GRPO), got {self.loss_type!r}")  # fmt: skip
