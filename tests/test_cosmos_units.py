@@ -125,6 +125,25 @@ def test_reward_returning_text_is_refused():
         data(lambda c, r: "1").reward_fns()[0]("c", {"reference": "r"})
 
 
+def test_reward_infos_are_merged_and_kept_as_cosmos_rl_does():
+    def accuracy(to_be_evaluated, reference):
+        return 1.0, {"accuracy": 1.0, "shared": "a"}
+
+    def fmt(to_be_evaluated, reference):
+        return 0.5, {"format_ok": 0.0, "shared": "b"}
+
+    tree = cosmos_tree({"train": {"train_policy": {"type": "grpo"}}})
+    args = {"dataset": ["p"], "reward_fns": [accuracy, (fmt, 2.0)]}
+    reward = CosmosData("s.py", ConfigNode(tree), "", args, True).reward_fns()[0]
+    assert reward("c", {"reference": "r"}) == (
+        2.0,
+        {"accuracy": 1.0, "format_ok": 0.0, "shared": "b"},
+    )
+    assert data(lambda c, r: 0.25).reward_fns()[0]("c", {"reference": "r"}) == 0.25  # no info
+    with pytest.raises(CosmosError, match="must be a dict"):
+        data(lambda c, r: (1.0, [1])).reward_fns()[0]("c", {"reference": "r"})
+
+
 def test_detection_reads_imports_without_running(tmp_path):
     path = tmp_path / "s.py"
     path.write_text("raise SystemExit\nimport cosmos_rl.utils.util as util\n")

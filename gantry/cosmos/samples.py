@@ -176,17 +176,23 @@ class CosmosData:
         if not train:
             return []  # the caller says GRPO needs them
 
-        def cosmos_reward_fns(completion: str, sample: dict) -> float:
+        def cosmos_reward_fns(completion: str, sample: dict) -> float | tuple[float, dict]:
             is_val = sample.get("cosmos_split") == "val"
             fns, packer = (val, self.val_packer) if is_val else (train, self.packer)
-            total = 0.0
+            total, infos = 0.0, {}
             for fn, weight in fns:
-                total += weight * self._call_reward(fn, completion, sample, packer)
-            return total
+                value, info = self._call_reward(fn, completion, sample, packer)
+                total += weight * value
+                infos.update(info)  # cosmos-rl merges the functions' dicts the same way
+            return (total, infos) if infos else total
 
         return [cosmos_reward_fns]
 
-    def _call_reward(self, fn: Callable, completion: str, sample: dict, packer: Any) -> float:
+    def _call_reward(
+        self, fn: Callable, completion: str, sample: dict, packer: Any
+    ) -> tuple[float, dict]:
+        """The function's value and its info (cosmos-rl's reward components, logged as
+        `reward_info/<key>`; empty when it returns a bare float)."""
         names, takes_any = accepts(fn)
         offered = {
             "config": lambda: self.config,
@@ -195,15 +201,21 @@ class CosmosData:
             "data_packer": lambda: packer,
         }
         kwargs = {k: make() for k, make in offered.items() if takes_any or k in names}
-        value = fn(completion, sample.get("reference"), **kwargs)
+        value, info = fn(completion, sample.get("reference"), **kwargs), {}
         if isinstance(value, tuple) and len(value) == 2:
-            value = value[0]  # (reward, info): the info is cosmos-rl's metrics
+            value, info = value  # (reward, info): the info is cosmos-rl's metrics
+        name = getattr(fn, "__name__", fn)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CosmosError(
-                f"{self.path}: reward function {getattr(fn, '__name__', fn)} returned {value!r}; "
-                "return a float or (float, info)"
+                f"{self.path}: reward function {name} returned {value!r}; return a float or "
+                "(float, info)"
             )
-        return float(value)
+        if not isinstance(info, dict):
+            raise CosmosError(
+                f"{self.path}: reward function {name} returned info {info!r:.80}; the second "
+                "value of (float, info) must be a dict, as cosmos-rl requires"
+            )
+        return float(value), info
 
 
 def _weighted(fns: Any, path: Path, name: str) -> list[tuple[Callable, float]]:
