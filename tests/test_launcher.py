@@ -132,3 +132,17 @@ def test_a_model_path_that_is_not_there_exits_2_before_any_worker(tmp_path, data
     assert result.returncode == 2, result.stderr
     assert "policy.model_name_or_path" in result.stderr and "no directory there" in result.stderr
     assert not list((tmp_path / "out").glob("2*"))  # no run directory, no process started
+
+
+def test_a_reward_function_name_the_script_lacks_exits_2_before_any_worker(tmp_path):
+    """train.train_policy.reward_function is checked against the script's reward_fns by the
+    launcher (a list given on the command line is a list, not a string)."""
+    result = launch(
+        "datasets/arithmetic.py", "--config", "configs/quickstart-grpo.toml",
+        'train.train_policy.reward_function=["correct_reward", "accuracy"]',
+        f"train.output_dir={tmp_path}/out",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "reward_function names 'accuracy'" in result.stderr, result.stderr
+    assert "correct_reward, format_reward" in result.stderr
+    assert not list((tmp_path / "out").glob("2*"))

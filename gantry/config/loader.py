@@ -205,7 +205,8 @@ def _wants_text(parts: list[str], value: Any) -> bool:
     annotation = field.annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = typing.get_args(annotation)
-        return str in members and type(value) not in members
+        kinds = {typing.get_origin(m) or m for m in members}  # list[str] -> list
+        return str in members and type(value) not in kinds
     return annotation is str
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from gantry.config import read_resolved_config, write_resolved_config
 from gantry.cosmos import is_cosmos_script
 from gantry.data.plugin import DatasetScriptError, load_dataset_script
+from gantry.data.rewards import RewardSet
 
 
 def check_dataset_script(
@@ -64,6 +65,8 @@ def _count(path, config, need_rewards, validation, model_path, config_source) ->
         config_source=config_source,
     )
     size = len(script.load_samples(config.custom))
+    if need_rewards:  # reward_function's names, overlong shaping: checked before any worker
+        RewardSet(script, config.train.train_policy, config.rollout.max_response_length)
     if validation:
         script.load_val_samples(config.custom)
     return size
