@@ -1,9 +1,11 @@
 """The controller process: workers, the journal, versions, checkpoint and export orders.
 
-It is the only writer of run state. Each pass of its loop: check heartbeats, let the plan of
-the run's algorithm (controller.grpo, controller.sft) hand out work and send a batch when the
-policy is idle, then handle what came back (results, worker events), and commit the pass's
-writes with the state they lead to (controller.journal). It never imports torch. The
+It is the only writer of run state. Each pass of its loop: handle what came back (results,
+worker events), check heartbeats, let the plan of the run's algorithm (controller.grpo,
+controller.sft) hand out work and send a batch when the policy is idle, and commit the pass's
+writes with the state they lead to (controller.journal); then block on the results and events
+streams together until the next message lands (no polling: the block time is a safety net for
+the heartbeat checks, and every write of a pass is committed before the wait). It never imports torch. The
 trackers of `[logging] logger` (wandb, TensorBoard) run in a thread of it that follows the
 files the journal mirrors (controller.trackers).
 """
@@ -42,6 +44,8 @@ __all__ = ["GROUP", "Controller", "RunFailed"]
 log = logging.getLogger("gantry.controller")
 WORKER_START_TIMEOUT_S = 900.0
 HEARTBEAT_CHECK_S = 5.0
+# Messages wake the loop as they land; this only bounds the time between heartbeat checks.
+READ_BLOCK_MS = 1000
 
 
 class Controller:
@@ -113,14 +117,20 @@ class Controller:
                 )
                 self._order_export(self.state.version, final=True)
             self._commit()
-        while not self.state.finished:
-            self._check_heartbeats()
-            self.plan.advance()
-            for delivery in run.plane.read_group(
-                [run.keys.rollouts, run.keys.events], GROUP, GROUP, count=256, block_ms=200
-            ):
+        deliveries: list[Delivery] = []
+        while True:
+            for delivery in deliveries:
                 self._handle(delivery)
+            if not self.state.finished:
+                self._check_heartbeats()
+                self.plan.advance()
+            # Before the wait: what this pass sent (a batch, prompts, a sync) goes out now.
             self._commit()
+            if self.state.finished:
+                break
+            deliveries = run.plane.read_group(
+                [run.keys.rollouts, run.keys.events], GROUP, GROUP, 256, READ_BLOCK_MS
+            )
         self._write_result()
         return 0
 

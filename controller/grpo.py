@@ -63,6 +63,7 @@ class GRPOPlan:
             # dataset when needed: the run trains its planned steps, each batch full.
             run.queue.epochs = max(run.queue.epochs, DAPO_EPOCHS)
         self.clock = grpo_metrics.StepClock()
+        self.cost = grpo_metrics.ControlCost()  # the control plane's own, per step
 
     def describe(self) -> str:
         return (
@@ -217,6 +218,8 @@ class GRPOPlan:
     # ---- incoming -------------------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> bool:
+        # Every message the controller reads comes here first: its handling starts now.
+        self.cost.handled(delivery)
         message = delivery.message
         if isinstance(message, RolloutGroup):
             self._on_rollout(message, delivery)
@@ -265,6 +268,7 @@ class GRPOPlan:
             message.replica, message.version, message.seconds,
         )  # fmt: skip
         self.fleet.confirmed(message.replica, message.version)
+        self.cost.sync_orders.append(message.order_latency_ms)
         open_syncs = self.run.state.open_syncs
         for key, waiting in list(open_syncs.items()):
             if key[1] == message.version:
@@ -336,6 +340,7 @@ class GRPOPlan:
             / elapsed,
             "dropped_stale": self.buffer.stats.dropped_stale,
             **self.clock.lap(),
+            **self.cost.lap(done.command_latency_ms),
             "elapsed_s": now - state.started_at,
             **metrics.model_dump(),
             "prompt_ids": batch.prompt_ids,  # what this step trained on: an audit trail

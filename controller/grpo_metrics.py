@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from gantry.comm.protocol import RolloutGroup
+from gantry.comm.transport import Delivery, Latencies, percentile
 
 # Groups whose completions (all n of each) a logging step writes to the "samples" journal list.
 SAMPLES_PER_LOG = 4
@@ -175,3 +176,31 @@ class StepClock:
             self._idle_fraction = self._idle / (self._idle + self._busy)
         self._idle = self._busy = 0.0
         return {"controller_seconds": seconds, "rollout_idle_fraction": self._idle_fraction}
+
+
+class ControlCost:
+    """The control plane's own cost over a step: each message's latency from its send to its
+    handling (the controller's results and events, the policy's commands), the rollout
+    replicas' time from a sync order to taking it, and the controller process's CPU time."""
+
+    def __init__(self) -> None:
+        self.latencies = Latencies()
+        self.sync_orders: list[float] = []
+        self._cpu = time.process_time()
+
+    def handled(self, delivery: Delivery) -> None:
+        self.latencies.handled(delivery.entry_id)
+
+    def lap(self, policy_latencies_ms: Sequence[float]) -> dict[str, float]:
+        """The step's control_latency_p50_ms / _p99_ms, sync_order_latency_ms (0 with no sync
+        taken since the previous step) and controller_cpu_s."""
+        values = self.latencies.take() + list(policy_latencies_ms)
+        cpu = time.process_time()
+        seconds, self._cpu = cpu - self._cpu, cpu
+        orders, self.sync_orders = self.sync_orders, []
+        return {
+            "control_latency_p50_ms": percentile(values, 50),
+            "control_latency_p99_ms": percentile(values, 99),
+            "sync_order_latency_ms": max(orders, default=0.0),
+            "controller_cpu_s": seconds,
+        }

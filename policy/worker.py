@@ -40,7 +40,7 @@ from gantry.comm.protocol import (
     ValidationMetrics,
 )
 from gantry.comm.sync_status import SyncCheckIns
-from gantry.comm.transport import ControlPlane
+from gantry.comm.transport import ControlPlane, Latencies
 from gantry.comm.weights import SyncCancelled
 from gantry.config import GantryConfig
 from gantry.data.plugin import load_dataset_script
@@ -87,6 +87,7 @@ class PolicyWorker:
         self.sync_error: Exception | None = None
         self.syncs_said = 0
         self.last_sync = None  # the SendStats of the latest sync this rank sent (metrics)
+        self.latencies = Latencies()  # each command's, from its send to its handling
         if config.train.train_policy.type == "sft":
             self.trainer = self._sft_trainer(mesh, total_steps)
         else:
@@ -203,13 +204,17 @@ class PolicyWorker:
         dist.destroy_process_group()
 
     def _serve(self) -> None:
+        # The read wakes as soon as a command lands; its block time is the safety net that
+        # raises a failed background sync's error while no command comes (`_check_sync`).
         while True:
-            commands = self.plane.read_next(self.keys.policy_commands, block_ms=1000)
+            deliveries = self.plane.read_commands(self.keys.policy_commands, block_ms=1000)
             # A background sync's error is raised here too, not only after the next command:
             # an idle policy (waiting for rollouts that the failed sync holds up) would
             # otherwise keep it stored while the run hangs.
             self._check_sync()
-            for command in commands:
+            for delivery in deliveries:
+                command = delivery.message
+                self.latencies.handled(delivery.entry_id)
                 if isinstance(command, Stop):
                     log.info("stopping: %s", command.reason)
                     self.activity.set("stopping", command.reason)
@@ -229,8 +234,10 @@ class PolicyWorker:
         if isinstance(command, TrainBatch | SFTBatch):
             with unit("policy step", "training", f"step {command.step}", work=_work(command)):
                 metrics = self._train(command)
+            latencies = self.latencies.take()  # every rank: none keeps a growing list
             if self.is_main:
-                self.plane.send(self.keys.events, StepDone(step=command.step, metrics=metrics))
+                done = StepDone(step=command.step, metrics=metrics, command_latency_ms=latencies)
+                self.plane.send(self.keys.events, done)
         elif isinstance(command, Validate):
             with unit("validation", "validating", f"after step {command.step}"):
                 validation = ValidationMetrics(**self.trainer.validate())

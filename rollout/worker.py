@@ -6,6 +6,11 @@ results is published and its prompts acknowledged in one transaction. Before eac
 worker applies pending commands, so a weight sync the controller ordered before dispatching
 new prompts is in place before those prompts are generated, and every result carries the
 version it was generated with.
+
+Nothing polls: an idle replica blocks in one XREADGROUP on its prompt stream and its command
+stream together (both read by the consumer group "rollout"), so a sync order wakes it at once.
+A generate call cannot be interrupted (an engine's weights cannot change in the middle of
+one): the commands that came during it are applied right after it, before the batch is scored.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from rollout.prompts import PromptBuilder
 
 log = logging.getLogger("gantry.rollout")
 GROUP = "rollout"
-READ_BLOCK_MS = 200
+# A safety net only: prompts and commands both wake the blocking read as they land.
+READ_BLOCK_MS = 5000
 # A test hook, not a setting: "REPLICA:CALL" makes that replica's CALL-th generate call (1-based)
 # hang as a stuck engine would (its heartbeat beating on), for the fault tests of its deadline.
 HANG_ENV = "GANTRY_TEST_HANG_GENERATE"
@@ -103,6 +109,8 @@ class RolloutWorker:
         self.version = 0
         self.manifest: str | None = None
         self.prompts = self.keys.prompts(replica)
+        self.commands = self.keys.commands("rollout", replica)
+        self.plane.ensure_group(self.commands, GROUP)  # read from its first entry
         self.consumer = f"rollout-{replica}"
         self.stopping = False
         # What this replica does now (published with the heartbeat; idle time for the metrics).
@@ -146,7 +154,7 @@ class RolloutWorker:
         backlog = self.plane.read_own_pending(
             self.prompts, GROUP, self.consumer, self.config.rollout.batch_size
         )
-        while self._apply_commands():
+        while not self.stopping:
             deliveries = backlog or self._next_prompts()
             backlog = []
             # Commands again: a sync ordered before these prompts were dispatched comes first.
@@ -156,31 +164,48 @@ class RolloutWorker:
         heartbeat.stop()
 
     def _next_prompts(self) -> list[Delivery]:
+        """The next prompts, waiting for them and for commands together: commands that come
+        meanwhile are applied at once (a sync's check-in does not wait for a prompt)."""
         count = self.config.rollout.batch_size
-        return self.plane.read_group([self.prompts], GROUP, self.consumer, count, READ_BLOCK_MS)
+        read = self.plane.read_group(
+            [self.prompts, self.commands], GROUP, self.consumer, count, READ_BLOCK_MS
+        )
+        if not self._apply([d for d in read if d.stream == self.commands]):
+            return []
+        return [d for d in read if d.stream == self.prompts]
 
     def _apply_commands(self) -> bool:
-        """Apply pending commands; False once told to stop."""
+        """Apply the commands that came (without waiting for any); False once told to stop."""
         if self.stopping:
             return False
-        for command in self.plane.read_next(self.keys.commands("rollout", self.replica), None):
+        return self._apply(
+            self.plane.read_group([self.commands], GROUP, self.consumer, 16, block_ms=None)
+        )
+
+    def _apply(self, deliveries: list[Delivery]) -> bool:
+        """Apply these commands in order, acknowledging each; False once told to stop."""
+        for delivery in deliveries:
+            command = delivery.message
             if isinstance(command, Stop):
                 log.info("stopping: %s", command.reason)
                 self.activity.set("stopping", command.reason)
                 self.stopping = True
-                return False
-            if isinstance(command, SyncWeights):
+            elif isinstance(command, SyncWeights):
+                latency = delivery.latency_ms()
                 # Bounded by the sync's own timeout (its check-in) plus the transfer's deadline.
                 with self.units.run(
                     "weight sync", "syncing", f"weights v{command.version}",
                     extra_s=command.plan.timeout_s,
                 ):  # fmt: skip
-                    self._receive_weights(command)
+                    self._receive_weights(command, latency)
             else:
                 raise TypeError(f"rollout got an unexpected command: {command!r}")
+            self.plane.ack(delivery.stream, GROUP, [delivery.entry_id])
+            if self.stopping:
+                return False
         return True
 
-    def _receive_weights(self, command: SyncWeights) -> None:
+    def _receive_weights(self, command: SyncWeights, latency_ms: float = 0.0) -> None:
         started = time.perf_counter()
         if self.manifest is None:
             raw = self.plane.redis.get(self.keys.manifest)
@@ -203,14 +228,25 @@ class RolloutWorker:
         log.debug("weights v%d received and loaded in %.3fs", command.version, seconds)
         self.plane.send(
             self.keys.events,
-            WeightsSynced(replica=self.replica, version=command.version, seconds=seconds),
+            WeightsSynced(
+                replica=self.replica,
+                version=command.version,
+                seconds=seconds,
+                order_latency_ms=latency_ms,
+            ),
         )
 
     def _roll_out(self, deliveries: list[Delivery]) -> None:
         tasks: list[PromptTask] = [d.message for d in deliveries]
+        version = self.version  # the weights these prompts are generated with
         started = time.perf_counter()
         prompts, prompt_texts, completions = self._generate(tasks)
         generated = time.perf_counter()
+        # A sync ordered during the generate call starts now, not after the scoring; a Stop
+        # leaves the batch pending (the controller is done, or hands it to another replica).
+        if not self._apply_commands():
+            return
+        after_commands = time.perf_counter()
         with self.activity.doing("scoring", f"{len(tasks)} prompts"):
             scores = self._score(tasks, completions)
         # The replica's time since its previous batch, shared equally by this batch's groups
@@ -219,7 +255,7 @@ class RolloutWorker:
         share = 1.0 / len(tasks)
         timing = {
             "generation_seconds": (generated - started) * share,
-            "scoring_seconds": (time.perf_counter() - generated) * share,
+            "scoring_seconds": (time.perf_counter() - after_commands) * share,
             "idle_seconds": totals.get("idle", 0.0) * share,
             "busy_seconds": (sum(totals.values()) - totals.get("idle", 0.0)) * share,
         }
@@ -243,7 +279,7 @@ class RolloutWorker:
                 RolloutGroup(
                     prompt_id=task.prompt_id,
                     replica=self.replica,
-                    policy_version=self.version,
+                    policy_version=version,
                     # A multimodal prompt's ids, placeholders expanded, come from the engine.
                     prompt_token_ids=outs[0].prompt_token_ids or prompt,
                     samples=samples,

@@ -52,6 +52,13 @@ def test_pipeline_with_transformers_engine(tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     bound = config["train"]["train_policy"]["allowed_outdated_steps"]
     assert all(m["staleness_max"] <= bound for m in metrics)
+    # The control plane's own cost (gantry.comm.metrics): every step measures it.
+    assert all(
+        0 <= m["control_latency_p50_ms"] <= m["control_latency_p99_ms"]
+        and m["controller_cpu_s"] > 0
+        for m in metrics
+    )
+    assert any(m["sync_order_latency_ms"] > 0 for m in metrics[1:])  # syncs were taken
     assert "step 4/4" in result.stdout and "exported checkpoint" in result.stdout
     for role in ("controller", "policy0", "policy1", "rollout0"):
         assert (run_dir / "logs" / f"{role}.log").exists()

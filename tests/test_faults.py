@@ -117,13 +117,13 @@ def test_a_stored_sync_error_is_raised_while_the_policy_is_idle():
 
     reads = []
 
-    def read_next(stream, block_ms):
+    def read_commands(stream, block_ms):
         reads.append(block_ms)
         assert len(reads) < 3, "the error was not raised while idle"
         return []
 
     worker = SimpleNamespace(
-        plane=SimpleNamespace(read_next=read_next),
+        plane=SimpleNamespace(read_commands=read_commands),
         keys=SimpleNamespace(policy_commands="commands"),
         weights=None,
         sync_error=TimeoutError("rollout 1 did not check in within 600 s"),

@@ -141,3 +141,67 @@ def test_nccl_sync_into_vllm_on_gpu(tmp_path, tiny_model_dir, tp):
         held = torch.load(tmp_path / f"0_v{version}.pt")
         for name, tensor in sent.items():
             assert torch.equal(held[name].cpu(), tensor.cpu()), (version, name)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+def test_a_replica_waiting_for_prompts_checks_in_to_a_sync_at_once(redis_url, tmp_path, tiny_llm):
+    """The rollout worker's own loop (transformers engine) blocks on its prompts and its
+    commands together: a sync order reaches it while no prompt ever comes, it checks in, takes
+    the policy's weights (a real FSDP2 sender) and says so with the order's latency."""
+    import threading
+
+    from gantry.comm.protocol import Stop, SyncWeights, WeightsSynced
+    from gantry.config import load_config
+    from gantry.run.runtime import RunInfo
+    from rollout.worker import RolloutWorker
+    from tests.sync_peers import wait_for, wait_for_manifest
+
+    config = load_config(
+        ROOT / "configs/quickstart-grpo.toml",
+        ["rollout.backend=transformers", "rollout.n_generation=2", "rollout.batch_size=2"],
+    )
+    info = RunInfo(
+        run_id="run", run_dir=str(tmp_path), redis_url=redis_url,
+        dataset_script=str(ROOT / "datasets/arithmetic.py"), dataset_size=64,
+        model_path=str(tiny_llm),
+    )  # fmt: skip
+    plan = SyncPlan(
+        group="t/plan1", host="127.0.0.1", port=free_port(),
+        receivers=[Receiver(replica="0", ranks=1)], timeout_s=120.0,
+    )  # fmt: skip
+    worker = RolloutWorker(config, info, "0")
+    plane, keys = worker.plane, info.keys
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            worker._run()
+        except BaseException as exc:  # handed to the test's thread, which fails on it
+            errors.append(exc)
+
+    policy = start_policy(tmp_path, tiny_llm, [(1, plan)])
+    thread = threading.Thread(target=loop, daemon=True)
+    try:
+        plane.redis.set(keys.manifest, wait_for_manifest(tmp_path))
+        thread.start()
+        registered = plane.read_next(keys.events, block_ms=60_000)
+        assert [m.role for m in registered] == ["rollout"], errors
+        plane.send(keys.commands("rollout", "0"), SyncWeights(version=1, plan=plan))
+        synced = plane.read_next(keys.events, block_ms=120_000)
+        assert synced and isinstance(synced[0], WeightsSynced), (errors, policy.poll())
+        assert synced[0].version == 1 and synced[0].order_latency_ms >= 0
+        assert worker.version == 1
+        sent = torch.load(wait_for(tmp_path / "policy_v1.pt"))
+        held = worker.engine.read_weights()
+        for name, tensor in sent.items():
+            assert torch.equal(held[name].float(), tensor.float()), name
+        assert policy.wait(timeout=120) == 0, (tmp_path / "policy.log").read_text()[-4000:]
+        plane.send(keys.commands("rollout", "0"), Stop(reason="test"))
+        thread.join(timeout=60)
+        assert not thread.is_alive() and errors == []
+        assert plane.redis.xlen(keys.prompts("0")) == 0  # no prompt ever came
+    finally:
+        policy.kill()

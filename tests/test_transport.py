@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gantry.comm.protocol import Keys, PromptTask, RolloutGroup, Sample, Stop, SyncPlan, SyncWeights
-from gantry.comm.transport import ControlPlane
+from gantry.comm.transport import ControlPlane, Latencies, latency_ms, percentile, sent_ms
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 KEYS = Keys("test")
@@ -175,3 +175,89 @@ def test_a_blocked_reader_wakes_to_the_whole_burst(redis_url):
     plane.send_many(stream, tasks(32))
     reader.join()
     assert len(got) == 32
+
+
+def test_latency_is_the_time_since_the_entry_id_and_percentiles_take_nearest_ranks():
+    assert sent_ms("1700000000123-4") == 1_700_000_000_123
+    assert latency_ms("1700000000123-0", now_s=1_700_000_000.5) == pytest.approx(377.0)
+    assert latency_ms("1700000000123-0", now_s=1_700_000_000.0) == 0.0  # clock behind: 0
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 99), percentile([], 50)) == (50, 99, 0)
+    assert percentile([3.0], 99) == 3.0
+    latencies = Latencies()
+    latencies.handled(f"{int(time.time() * 1000) - 40}-0")
+    (taken,) = latencies.take()
+    assert 40 <= taken < 10_000 and latencies.take() == []
+
+
+def test_a_replica_waiting_for_prompts_wakes_to_a_command(redis_url):
+    """One XREADGROUP on the prompt and command streams together: an order reaches a replica
+    that waits for prompts (a long block) without any prompt coming."""
+    plane = ControlPlane(redis_url)
+    prompts, commands = KEYS.prompts("0"), KEYS.commands("rollout", "0")
+    for stream in (prompts, commands):
+        plane.ensure_group(stream, "rollout")
+    got = []
+    reader = threading.Thread(
+        target=lambda: got.extend(
+            ControlPlane(redis_url).read_group([prompts, commands], "rollout", "r0", 8, 30_000)
+        )
+    )
+    reader.start()
+    wait_for(lambda: reader_blocked(plane), "the reader blocked in XREADGROUP")
+    plane.send(commands, Stop(reason="test"))
+    reader.join(timeout=20)
+    assert not reader.is_alive(), "the command did not wake the reader"
+    (delivery,) = got
+    assert delivery.stream == commands and delivery.message == Stop(reason="test")
+    assert delivery.latency_ms() >= 0
+    # Pending until acknowledged, like a prompt: a command is not lost with its reader.
+    assert [d.message for d in plane.read_own_pending(commands, "rollout", "r0", 8)] == [
+        Stop(reason="test")
+    ]
+
+
+def test_an_idle_policy_handles_a_command_as_it_lands(redis_url):
+    """The policy's loop (PolicyWorker._serve) blocks on its command stream: a command sent
+    while it is idle is handled and its latency recorded; Stop then ends the loop."""
+    from types import MethodType, SimpleNamespace
+
+    from gantry.comm.protocol import Validate
+    from policy.worker import PolicyWorker
+
+    handled = threading.Event()
+    worker = SimpleNamespace(
+        plane=ControlPlane(redis_url), keys=KEYS, weights=None, sync_error=None,
+        latencies=Latencies(), activity=SimpleNamespace(set=lambda *a: None),
+        _handle=lambda command: handled.set(), _report_checkpoints=lambda: None,
+        _finish_checkpoints=lambda: None,
+    )  # fmt: skip
+    worker._check_sync = MethodType(PolicyWorker._check_sync, worker)
+    loop = threading.Thread(target=PolicyWorker._serve, args=(worker,))
+    loop.start()
+    plane = ControlPlane(redis_url)
+    wait_for(
+        lambda: any(c.get("cmd") == "xread" for c in plane.redis.client_list()),
+        "the policy blocked on its commands",
+    )
+    plane.send(KEYS.policy_commands, Validate(step=3))
+    assert handled.wait(timeout=20), "the command was not handled"
+    assert len(worker.latencies.values) == 1
+    plane.send(KEYS.policy_commands, Stop(reason="test"))
+    loop.join(timeout=20)
+    assert not loop.is_alive()
+
+
+def test_the_control_cost_of_a_step_merges_the_policys_latencies_and_restarts_each_lap():
+    from controller.grpo_metrics import ControlCost
+    from gantry.comm.transport import Delivery
+
+    cost = ControlCost()
+    cost.handled(Delivery("events", f"{int(time.time() * 1000) - 50}-0", None))
+    cost.sync_orders += [120.0, 80.0]
+    sum(i * i for i in range(200_000))  # some CPU for the controller to have spent
+    lap = cost.lap([3.0, 5.0])
+    assert lap["control_latency_p50_ms"] == 5.0 and lap["control_latency_p99_ms"] >= 50
+    assert lap["sync_order_latency_ms"] == 120.0 and lap["controller_cpu_s"] > 0
+    again = cost.lap([])
+    assert again["control_latency_p99_ms"] == again["sync_order_latency_ms"] == 0.0

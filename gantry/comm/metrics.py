@@ -259,6 +259,31 @@ CONTROLLER = _table(
         "s",
         "CPU time of the controller loop's thread since the previous step: work, not waits",
     ),
+    Metric(
+        "controller_cpu_s",
+        "s",
+        "CPU time of the whole controller process (all its threads: the loop, the trackers) "
+        "since the previous step",
+    ),
+    Metric(
+        "control_latency_p50_ms",
+        "ms",
+        "median time from a message's send (its Redis stream id) to the start of its handling, "
+        "over the results and events the controller handled and the commands the policy "
+        "handled since the previous step: the control plane's own latency",
+    ),
+    Metric(
+        "control_latency_p99_ms",
+        "ms",
+        "99th percentile (nearest rank) of the same send-to-handling latencies",
+    ),
+    Metric(
+        "sync_order_latency_ms",
+        "ms",
+        "longest time, over the rollout replicas that took a weight sync since the previous "
+        "step, from the controller's sync order to the replica starting on it (a generate call "
+        "in flight is finished first); 0 with no sync",
+    ),
     Metric("dropped_stale", "", "groups dropped so far for exceeding max_staleness"),
     Metric("elapsed_s", "s", "seconds since the controller started the run", "both"),
 )

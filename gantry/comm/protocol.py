@@ -257,6 +257,9 @@ class StepDone(_Message):
     type: Literal["step_done"] = "step_done"
     step: int
     metrics: GRPOStepMetrics | SFTStepMetrics
+    # The send-to-handle latency (ms) of each command the policy handled since its previous
+    # StepDone (gantry.comm.transport.latency_ms): the control plane's cost, in the metrics.
+    command_latency_ms: list[float] = Field(default_factory=list)
 
 
 class ValidationDone(_Message):
@@ -301,6 +304,7 @@ class WeightsSynced(_Message):
     replica: str
     version: int
     seconds: float
+    order_latency_ms: float = 0.0  # from the controller's sync order to the replica taking it
 
 
 class WorkerFailed(_Message):

@@ -61,6 +61,21 @@ def backend_for_device() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def backend_for_members(devices: list[str]) -> str:
+    """The backend of a group whose members compute on `devices` (a GPU's UUID, "" on CPU):
+    NCCL when each member has a GPU of its own; gloo on CPU, and when two members share a GPU
+    (a one-GPU node's policy and transformers rollout), which NCCL refuses ("Duplicate GPU
+    detected"); gloo broadcasts CUDA tensors through host memory."""
+    if not all(devices) or len(set(devices)) < len(devices):
+        return "gloo"
+    return "nccl"
+
+
+def _device_uuid() -> str:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return str(props.uuid)
+
+
 @dataclass
 class SyncGroup:
     """A process group and the store it was formed through (which must outlive it)."""
@@ -79,7 +94,13 @@ def create_group(
     """A process group of `world_size` members meeting under `prefix` in `store`."""
     prefixed = dist.PrefixStore(prefix, store)
     timeout = timedelta(seconds=timeout_s)
-    if backend_for_device() == "nccl":
+    backend = backend_for_device()
+    if backend == "nccl":  # every member tells its GPU, so that all pick the same backend
+        prefixed.set(f"device/{rank}", _device_uuid())
+        keys = [f"device/{r}" for r in range(world_size)]
+        prefixed.wait(keys, timeout)
+        backend = backend_for_members([prefixed.get(k).decode() for k in keys])
+    if backend == "nccl":
         options = nccl_options(timeout)  # a private field of torch's: see gantry.comm.torch_compat
         group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
     else:

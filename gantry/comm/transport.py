@@ -5,13 +5,23 @@ consumer groups: an entry stays pending until its consumer acknowledges it, so t
 consumer that dies is claimed by another (`claim_stale`) instead of being lost. A consumer
 publishes its result and acknowledges its input in one MULTI/EXEC transaction, so a crash
 never leaves a result without its acknowledgement or the reverse.
-Commands to one worker go through that worker's own stream, read in order with XREAD.
+Commands to one worker go through that worker's own stream, read in order with XREAD (the
+policy's, which every rank reads) or with a consumer group (a rollout replica's: one blocking
+XREADGROUP waits on its prompts and its commands together, so an order wakes it at once).
+
+Nothing on the path of a message polls: every reader blocks on its streams and wakes when an
+entry lands; the block times are safety nets only. A stream entry's id is the Redis server's
+clock in milliseconds when it was added: `latency_ms` is a message's time from its send to its
+handling, on one clock for all senders (the handler's clock against the server's: on one node
+the same one).
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +71,44 @@ class Delivery:
     stream: str
     entry_id: str
     message: Any
+
+    def latency_ms(self) -> float:
+        return latency_ms(self.entry_id)
+
+
+def sent_ms(entry_id: str) -> int:
+    """When a stream entry was added: its id's first part, the server's clock in ms."""
+    return int(entry_id.partition("-")[0])
+
+
+def latency_ms(entry_id: str, now_s: float | None = None) -> float:
+    """Milliseconds from the entry's send to now (never below 0: the id has ms resolution,
+    and another node's clock may run behind the server's)."""
+    now = time.time() if now_s is None else now_s
+    return max(0.0, now * 1000.0 - sent_ms(entry_id))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of `values`, nearest rank; 0.0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Latencies:
+    """Send-to-handle latencies a process measured since they were last taken (per step)."""
+
+    values: list[float] = field(default_factory=list)
+
+    def handled(self, entry_id: str) -> None:
+        self.values.append(round(latency_ms(entry_id), 3))
+
+    def take(self) -> list[float]:
+        values, self.values = self.values, []
+        return values
 
 
 PASSWORD_ENV = "GANTRY_REDIS_PASSWORD"
@@ -204,13 +252,17 @@ class ControlPlane:
 
     def read_next(self, stream: str, block_ms: int | None, count: int = 16) -> list[Any]:
         """The next messages of a single-reader stream (a worker's commands), in order."""
+        return [d.message for d in self.read_commands(stream, block_ms, count)]
+
+    def read_commands(self, stream: str, block_ms: int | None, count: int = 16) -> list[Delivery]:
+        """`read_next` with the entries' ids (their send times: `Delivery.latency_ms`)."""
         cursor = self._cursors.get(stream, "0")
         client = self._blocking if block_ms is not None else self.redis
         reply = client.xread({stream: cursor}, count=count, block=block_ms)
         deliveries = _deliveries(reply)
         if deliveries:
             self._cursors[stream] = deliveries[-1].entry_id
-        return [d.message for d in deliveries]
+        return deliveries
 
     # ---- keys -----------------------------------------------------------------------
 

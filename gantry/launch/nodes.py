@@ -6,7 +6,8 @@ its own part. Node 0 runs the controller. A GRPO run puts the policy replicas on
 trains on every node. Replicas are spread evenly, whole: a policy replica (a torchrun agent of
 `ranks_per_replica` local ranks) or a rollout replica (a vLLM engine over `tp_size` GPUs) never
 spans two nodes in this version. On a node with GPUs each process gets its own contiguous
-devices (CUDA_VISIBLE_DEVICES): the policy's first, then the rollout replicas'. On a node
+devices (CUDA_VISIBLE_DEVICES): the policy's first, then the rollout replicas' (on a one-GPU
+node a single-rank policy and one transformers rollout replica share it: `shares_one_gpu`). On a node
 without GPUs the rollout replicas split the node's CPU cores instead (`with_cpu_shares`, at
 launch, from the cores that node's launcher may use): each engine computes on its own cores,
 rather than every engine running a thread per core on all of them (a thread pool per engine
@@ -104,9 +105,26 @@ def _spread(replicas: int, nodes: int, key: str, what: str) -> list[list[int]]:
     return [list(range(n * per_node, (n + 1) * per_node)) for n in range(nodes)]
 
 
+def shares_one_gpu(config: GantryConfig, gpus: int) -> bool:
+    """Whether a GRPO run's policy and rollout share a node's only GPU: one single-rank policy
+    replica and one single-rank transformers rollout replica. vLLM would take the memory the
+    policy needs. The weight sync between them then runs over gloo (gantry.comm.sync_groups)."""
+    policy, rollout = config.policy.parallelism, config.rollout.parallelism
+    return (
+        gpus == 1
+        and config.train.train_policy.type == "grpo"
+        and config.rollout.backend == "transformers"
+        and policy.n_init_replicas == policy.dp_replicate_size == 1
+        and policy.dp_shard_size in (1, -1)
+        and rollout.n_init_replicas == rollout.tp_size == 1
+    )
+
+
 def _with_gpus(
     config: GantryConfig, node: int, policy: list[int], rollout: list[int], gpus: int
 ) -> list[Placed]:
+    if policy and rollout and shares_one_gpu(config, gpus):
+        return [Placed("policy0", "policy", 0, (0,)), Placed("rollout0", "rollout", 0, (0,))]
     sizes = [("policy", r, config.policy.parallelism.ranks_per_replica) for r in policy]
     sizes += [("rollout", r, config.rollout.parallelism.tp_size) for r in rollout]
     needed = sum(size for _, _, size in sizes)

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gantry.config import ConfigError, GantryConfig, describe_errors
+from gantry.launch.nodes import shares_one_gpu
 from gantry.run import checkpoints
 
 
@@ -42,8 +43,8 @@ def resolve_parallelism(config: GantryConfig, gpus: int | None = None) -> Gantry
     parallel = config.policy.parallelism
     rollout_devices = (
         config.rollout.parallelism.n_init_replicas * config.rollout.parallelism.tp_size
-        if config.train.train_policy.type == "grpo"
-        else 0  # SFT starts no rollout replicas
+        if config.train.train_policy.type == "grpo" and not shares_one_gpu(config, gpus)
+        else 0  # SFT starts no rollout replicas; a shared GPU is the policy's too
     )
     replicas = parallel.n_init_replicas * parallel.dp_replicate_size
     shard = parallel.dp_shard_size
