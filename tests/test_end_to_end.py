@@ -94,11 +94,11 @@ def test_two_rollout_replicas_and_a_late_joiner(tmp_path):
     args = [
         sys.executable, "-m", "gantry.launch", *QUICKSTART, f"train.output_dir={tmp_path}",
         "rollout.backend=transformers", "rollout.parallelism.n_init_replicas=2",
-        "train.train_batch_per_replica=64", "rollout.batch_size=2", "train.max_num_steps=24",
+        "train.train_batch_per_replica=64", "rollout.batch_size=2", "train.max_num_steps=64",
     ]  # fmt: skip
-    # The joiner imports torch, transformers and the rollout worker before the run starts (that
-    # takes longer than the whole 24-step run), then waits for the run directory on its stdin:
-    # it joins a second or two after the first weight sync, however fast the run is.
+    # The joiner imports torch, transformers and the rollout worker before the run starts, then
+    # waits for the run directory on its stdin: it joins soon after the first weight sync. The
+    # run is long enough (64 steps: ~0.6 s each here) for a joiner slowed by a loaded machine.
     joiner = subprocess.Popen(
         [sys.executable, "-c", JOINER], cwd=ROOT, stdin=subprocess.PIPE, text=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
